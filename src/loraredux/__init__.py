@@ -1,0 +1,47 @@
+"""loraredux: low-rank adaptation read through signal processing.
+
+    import loraredux as lx
+    lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj"])
+"""
+
+from .adapters import LoRA, LoRAConfig
+from .core import (
+    Adapter,
+    AdapterConfig,
+    SavedModule,
+    adapt_,
+    adapter_state_dict,
+    adapters,
+    available_methods,
+    config,
+    config_from_dict,
+    disabled,
+    load_adapter_state_dict,
+    merge_,
+    register,
+    trainable_parameters,
+    unadapt_,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "LoRA",
+    "LoRAConfig",
+    "SavedModule",
+    "__version__",
+    "adapt_",
+    "adapter_state_dict",
+    "adapters",
+    "available_methods",
+    "config",
+    "config_from_dict",
+    "disabled",
+    "load_adapter_state_dict",
+    "merge_",
+    "register",
+    "trainable_parameters",
+    "unadapt_",
+]

@@ -1,0 +1,151 @@
+"""LoRA: a trainable low-rank update beside a frozen weight.
+
+    W' = W0 + s * B A,     A: (r, in),  B: (out, r),  s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
+rsLoRA scaling: Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv 2312.03732.
+
+Initialisation as in PEFT (`init_lora_weights=True`): A Kaiming-uniform with a = sqrt(5) (nn.Linear's default),
+B = 0, so W' = W0 at the start; `init="gaussian"` draws A ~ N(0, 1/r^2) instead. For an `nn.Embedding` base PEFT
+swaps the roles (A = 0, B ~ N(0, 1)); we do the same so the two libraries start alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Adapter, AdapterConfig, check_tensors, register
+
+__all__ = ["LoRA", "LoRAConfig"]
+
+_INITS = ("kaiming", "gaussian")
+
+
+class LoRA(Adapter):
+    """y = base(x) + s * (dropout(x) A^T) B^T, computed with one fused multiply-add for the second product."""
+
+    def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
+        super().__init__(base, config)
+        W0 = self.base_weight()
+        r = config.rank
+        self.A = nn.Parameter(torch.empty(r, self.in_features, dtype=W0.dtype, device=W0.device))
+        self.B = nn.Parameter(torch.empty(self.out_features, r, dtype=W0.dtype, device=W0.device))
+        self.scale = config.scale
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's default initialisation (see the module docstring)."""
+        if self.view.kind == "embedding":
+            nn.init.zeros_(self.A)
+            nn.init.normal_(self.B)
+            return
+        if self.config.init == "gaussian":
+            nn.init.normal_(self.A, std=1.0 / self.config.rank)
+        else:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    def effective_weight(self) -> Tensor:
+        return self.base_weight() + self.scale * (self.B @ self.A)  # (out, in)
+
+    def lora_form(self) -> tuple[Tensor, Tensor, float]:
+        return self.A, self.B, self.scale
+
+    def adapted(self, x: Tensor) -> Tensor:
+        y = self.base(x)  # (..., out)
+        h = x if self.dropout is None or not self.view.input_is_dense else self.dropout(x)
+        z = self.view.project(h, self.A)  # (..., r)
+        # y + s * z B^T as one GEMM with accumulate: no separate scale and add passes over (tokens, out).
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.B.T, alpha=self.scale)
+        return out.view(y.shape)
+
+    # -- PEFT format: tensor names relative to the layer's path --------------------------------------
+    def peft_tensors(self) -> dict[str, Tensor]:
+        if self.view.kind == "embedding":
+            return {"lora_embedding_A": self.A, "lora_embedding_B": self.B}
+        return {"lora_A.weight": self.A, "lora_B.weight": self.B}
+
+    @torch.no_grad()
+    def load_peft_tensors(self, tensors: dict[str, Tensor]) -> None:
+        own = self.peft_tensors()
+        for key, value in check_tensors(tensors, own).items():
+            own[key].copy_(value)
+
+
+@register("lora")
+@dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """LoRA's hyper-parameters, PEFT's defaults (r = 8, alpha = 8, no dropout).
+
+    Args:
+        rank: r, the rank of B A.
+        alpha: the scale numerator: s = alpha / r, or alpha / sqrt(r) with `rslora`.
+        dropout: dropout on the adapter's input (not on the base path).
+        rslora: use the rank-stabilised scale alpha / sqrt(r).
+        init: `"kaiming"` (PEFT's default) or `"gaussian"` for A; B starts at zero.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+
+    adapter: ClassVar[type[Adapter]] = LoRA
+    peft_type: ClassVar[str | None] = "LORA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"lora: init must be one of {_INITS}, got {self.init!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    # -- PEFT format ------------------------------------------------------------------------------
+    def peft_fields(self) -> dict[str, Any]:
+        """The `adapter_config.json` fields of PEFT's LoraConfig that this config sets."""
+        return {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.rslora,
+            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "bias": "none",
+            "use_dora": False,
+        }
+
+    @classmethod
+    def from_peft_fields(cls, fields: dict[str, Any]) -> LoRAConfig:
+        """Read PEFT's LoraConfig fields; refuse the ones whose meaning we would silently drop."""
+        unsupported = {
+            "use_dora": False,
+            "bias": "none",
+            "lora_bias": False,
+            "use_qalora": False,
+        }
+        for key, neutral in unsupported.items():
+            if fields.get(key, neutral) not in (neutral, None):
+                raise ValueError(
+                    f"PEFT adapter has {key}={fields[key]!r}, which loraredux's lora does not read; "
+                    f"expected {neutral!r}"
+                )
+        init = fields.get("init_lora_weights", True)
+        return cls(
+            rank=int(fields.get("r", 8)),
+            alpha=float(fields.get("lora_alpha", 8)),
+            dropout=float(fields.get("lora_dropout", 0.0) or 0.0),
+            rslora=bool(fields.get("use_rslora", False)),
+            init="gaussian" if init == "gaussian" else "kaiming",
+        )
+
