@@ -60,6 +60,10 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     adapter: ClassVar[type[Adapter]]
+    #: The paper promises W' = W0 at initialisation (the contract suite checks it where True).
+    identity_at_init: ClassVar[bool] = True
+    #: The base-layer kinds (`BaseView.kind`) the method supports; the contract suite covers each.
+    base_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
 
     def __post_init__(self) -> None:
         rank = getattr(self, "rank", None)
@@ -73,6 +77,10 @@ class AdapterConfig:
             or alpha <= 0
         ):
             raise ValueError(f"{self.method}: alpha must be a finite number > 0, got {alpha!r}")
+
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        """Trainable parameters of one (out, in) layer by the paper's formula (the contract suite checks it)."""
+        raise NotImplementedError(f"{self.method} does not state its parameter count")
 
     def build(self, base: nn.Module) -> Adapter:
         """One adapter around `base` (which it freezes)."""
@@ -171,6 +179,11 @@ class Adapter(nn.Module):
         if isinstance(base, Adapter):
             raise ValueError(f"cannot adapt an already adapted layer ({type(base).__name__})")
         self.view: BaseView = view_of(base)
+        if self.view.kind not in config.base_kinds:
+            raise TypeError(
+                f"{config.method} does not support a {type(base).__name__} base "
+                f"(it supports {', '.join(config.base_kinds)} layers)"
+            )
         rank = getattr(config, "rank", None)
         limit = min(self.view.in_features, self.view.out_features)
         if rank is not None and rank > limit:

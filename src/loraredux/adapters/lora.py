@@ -108,6 +108,9 @@ class LoRAConfig(AdapterConfig):
         if self.init not in _INITS:
             raise ValueError(f"lora: init must be one of {_INITS}, got {self.init!r}")
 
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        return self.rank * (in_features + out_features)
+
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
