@@ -85,7 +85,9 @@ def test_forward_agrees_with_effective_weight(method, ids):
     assert set(io) == set(targets_for(method))
     for name, (x, y) in io.items():
         a = model.get_submodule(name)
-        torch.testing.assert_close(y, a.view.forward_with(x, a.effective_weight()), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            y, a.view.forward_with(x, a.effective_weight()), rtol=1e-10, atol=1e-10
+        )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -136,7 +138,9 @@ def test_state_round_trip(method, ids):
     _, model = make_pair(method, seed=0)
     perturb(model)
     _, other = make_pair(method, seed=0)
-    for p in lx.trainable_parameters(other).values():  # make sure loading has something to overwrite
+    for p in lx.trainable_parameters(
+        other
+    ).values():  # make sure loading has something to overwrite
         torch.nn.init.normal_(p)
     lx.load_adapter_state_dict(other, lx.adapter_state_dict(model))
     torch.testing.assert_close(other(ids), model(ids), rtol=0, atol=0)

@@ -13,8 +13,13 @@ import loraredux as lx
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(cfg).double()
 
@@ -22,8 +27,13 @@ def tiny_llama() -> LlamaForCausalLM:
 def tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=32, num_labels=3,
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        num_labels=3,
     )
     return BertForSequenceClassification(cfg).double().eval()
 
@@ -87,7 +97,7 @@ def test_no_match_names_the_closest_modules():
 
 def test_a_container_match_is_a_type_error():
     model = tiny_llama()
-    with pytest.raises(TypeError, match="self_attn.*LlamaAttention"):
+    with pytest.raises(TypeError, match=r"self_attn.*LlamaAttention"):
         lx.adapt_(model, lx.config("lora", rank=2), targets=["self_attn"])
 
 
@@ -161,7 +171,7 @@ def test_rank_above_the_layer_limit_names_the_layer_and_changes_nothing():
 
 
 def test_unknown_method_and_field_are_explained():
-    with pytest.raises(ValueError, match="unknown method 'lorax'.*'lora'"):
+    with pytest.raises(ValueError, match=r"unknown method 'lorax'.*'lora'"):
         lx.config("lorax")
     with pytest.raises(ValueError, match=r"no field\(s\) \['r'\].*'rank'"):
         lx.config("lora", r=8)
@@ -252,7 +262,7 @@ def test_merge_keeps_the_trained_head():
 def test_unknown_module_to_save():
     model = tiny_bert()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="modules_to_save.*'head'"):
+    with pytest.raises(ValueError, match=r"modules_to_save.*'head'"):
         lx.adapt_(model, lx.config("lora"), ["query"], modules_to_save=["head"])
     assert_unchanged(model, snap)
 

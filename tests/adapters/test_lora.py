@@ -31,8 +31,11 @@ def test_scale_is_alpha_over_r_or_over_sqrt_r(rslora, expected):
 
 
 @given(
-    n_in=st.integers(1, 12), n_out=st.integers(1, 12), data=st.data(),
-    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), bias=st.booleans(),
+    n_in=st.integers(1, 12),
+    n_out=st.integers(1, 12),
+    data=st.data(),
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    bias=st.booleans(),
 )
 def test_fast_path_equals_the_definition_for_all_shapes(n_in, n_out, data, lead, bias):
     r = data.draw(st.integers(1, min(n_in, n_out)))
