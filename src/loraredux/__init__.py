@@ -4,6 +4,7 @@
     lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj"])
 """
 
+from . import assets, train
 from .adapters import LoRA, LoRAConfig
 from .core import (
     Adapter,
@@ -22,6 +23,7 @@ from .core import (
     trainable_parameters,
     unadapt_,
 )
+from .io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -35,13 +37,17 @@ __all__ = [
     "adapt_",
     "adapter_state_dict",
     "adapters",
+    "assets",
     "available_methods",
     "config",
     "config_from_dict",
     "disabled",
+    "load_adapter",
     "load_adapter_state_dict",
     "merge_",
     "register",
+    "save_adapter",
+    "train",
     "trainable_parameters",
     "unadapt_",
 ]

@@ -20,7 +20,14 @@ try:  # transformers is a dependency, but keep the view usable without it
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
-__all__ = ["BaseView", "EmbeddingView", "LinearView", "TransposedLinearView", "is_adaptable", "view_of"]
+__all__ = [
+    "BaseView",
+    "EmbeddingView",
+    "LinearView",
+    "TransposedLinearView",
+    "is_adaptable",
+    "view_of",
+]
 
 
 class BaseView:
@@ -65,7 +72,8 @@ class BaseView:
 def _clone_with(module: nn.Module, **tensors: Tensor) -> nn.Module:
     """A copy of `module` whose named parameters are replaced, without copying the old ones first."""
     memo = {id(getattr(module, name)): None for name in tensors}
-    new = copy.deepcopy(module, memo)  # the memo maps the old parameters to None: they are not copied
+    # The memo maps the old parameters to None, so deepcopy does not copy them first.
+    new = copy.deepcopy(module, memo)
     for name, value in tensors.items():
         old = getattr(module, name)
         setattr(new, name, nn.Parameter(value, requires_grad=old.requires_grad))
@@ -115,7 +123,9 @@ class EmbeddingView(BaseView):
 
     def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
         m = self.module
-        return F.embedding(ids, table, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        return F.embedding(
+            ids, table, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse
+        )
 
     def forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
         return self._lookup(x, weight.T)

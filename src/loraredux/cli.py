@@ -16,6 +16,11 @@ from typing import Any
 
 log = logging.getLogger("loraredux")
 
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; `main` prints it and exits with status 2."""
+
+
 EPILOG = """examples:
   loraredux train --out runs/demo                  # MiniLM on Rotten Tomatoes, LoRA r=8, a few minutes
   loraredux train --model smollm2 --data kjv --steps 40 --out runs/kjv
@@ -136,11 +141,11 @@ def _build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
     name = args.model
     data = args.data or ("kjv" if name == "smollm2" else "rotten_tomatoes")
     if data not in assets.DATASETS:
-        raise SystemExit(f"error: unknown --data {data!r}; choose from {sorted(assets.DATASETS)}")
+        raise UsageError(f"unknown --data {data!r}; choose from {sorted(assets.DATASETS)}")
     if data == "rotten_tomatoes":
         if name == "smollm2":
-            raise SystemExit(
-                "error: --data rotten_tomatoes needs a classification model (minilm or a folder)"
+            raise UsageError(
+                "--data rotten_tomatoes needs a classification model (minilm or a folder)"
             )
         model, tok = (
             assets.load_minilm(num_labels=2) if name == "minilm" else _load_folder(name, "cls")
@@ -161,8 +166,8 @@ def _build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
         )
     else:
         if name == "minilm":
-            raise SystemExit(
-                f"error: --data {data} is language modelling; use --model smollm2 or a causal LM"
+            raise UsageError(
+                f"--data {data} is language modelling; use --model smollm2 or a causal LM"
             )
         model, tok = assets.load_smollm2() if name == "smollm2" else _load_folder(name, "lm")
         texts = assets.kjv() if data == "kjv" else [f"{q}\n{a}" for q, a in assets.chat_pairs()]
@@ -181,8 +186,8 @@ def _build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
 def _load_folder(path: str, kind: str) -> tuple[Any, Any]:
     folder = Path(path)
     if not folder.is_dir():
-        raise SystemExit(
-            f"error: --model {path!r} is neither a packaged model (minilm, smollm2) nor a folder"
+        raise UsageError(
+            f"--model {path!r} is neither a packaged model (minilm, smollm2) nor a folder"
         )
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -198,32 +203,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from loraredux.train import TrainConfig, fit
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise SystemExit(f"error: --out {args.out} exists and is not a directory")
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    model, task, data = _build_task(args)
+        raise UsageError(f"--out {args.out} exists and is not a directory")
     method_fields: dict[str, Any] = {"rank": args.rank, "alpha": args.alpha}
     if args.method == "lora":
         method_fields |= {"dropout": args.dropout, "rslora": args.rslora}
-    try:
-        cfg = lx.config(args.method, **method_fields)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    cfg = lx.config(args.method, **method_fields)  # a bad value fails before any loading
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model, task, data = _build_task(args)
     targets = args.targets or task.default_targets
     if isinstance(targets, str) and targets.startswith("re:"):
         targets = targets[3:]
+    lx.adapt_(
+        model, cfg, targets=targets, exclude=args.exclude, modules_to_save=task.modules_to_save
+    )
 
     print(f"model {args.model}, data {data}: {task.train_size} training examples")
-    before = task.evaluate(model.eval())
+    with lx.disabled(model):  # exactly the base model
+        before = task.evaluate(model.eval())
     print(f"{task.metric} before: {before[task.metric]:.4f}")
-
-    torch.manual_seed(args.seed)
-    try:
-        lx.adapt_(
-            model, cfg, targets=targets, exclude=args.exclude, modules_to_save=task.modules_to_save
-        )
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"error: {err}") from err
     n_train = sum(p.numel() for p in lx.trainable_parameters(model).values())
     n_total = sum(p.numel() for p in model.parameters())
     print(
@@ -293,8 +291,8 @@ def _load_base(adapter_dir: Path, model_arg: str | None) -> Any:
     if source in ("minilm", "smollm2"):
         source = str(assets.minilm_dir() if source == "minilm" else assets.smollm2_dir())
     if not source or not Path(source).is_dir():
-        raise SystemExit(
-            f"error: the base model {source!r} named in {adapter_dir}/adapter_config.json is not a local folder; "
+        raise UsageError(
+            f"the base model {source!r} named in {adapter_dir}/adapter_config.json is not a local folder; "
             "pass --model PATH (or minilm / smollm2)"
         )
     import transformers
@@ -361,7 +359,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: --out {out} exists and is not empty; choose a new folder")
+        raise UsageError(f"--out {out} exists and is not empty; choose a new folder")
     model, source = _load_base(args.directory, args.model)
     lx.load_adapter(model, args.directory)
     lx.merge_(model)
@@ -455,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
         # Library errors are written for people: show them without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -86,7 +86,9 @@ class AdapterConfig:
         """One adapter around `base` (which it freezes)."""
         return self.adapter(base, self)
 
-    def build_layers(self, layers: Mapping[str, tuple[nn.Module, AdapterConfig]]) -> dict[str, Adapter]:
+    def build_layers(
+        self, layers: Mapping[str, tuple[nn.Module, AdapterConfig]]
+    ) -> dict[str, Adapter]:
         """Adapters for many layers at once, each with its own (pattern-adjusted) config.
 
         Methods with cross-layer state override this to create their shared bank first.
@@ -295,7 +297,8 @@ def _normalise_saved(model: nn.Module, modules_to_save: Sequence[str] | None) ->
         found = [
             n
             for n, m in model.named_modules()
-            if (n == want or n.endswith("." + want)) and not isinstance(m, (Adapter, SavedModule))
+            if (n == want or n.endswith("." + want))
+            and not isinstance(m, (Adapter, SavedModule))
             and not any(n.startswith(p + ".") for p in paths)
         ]
         found = [n for n in found if not any(n.startswith(f + ".") for f in found if f != n)]
@@ -336,7 +339,9 @@ def adapt_(
         ValueError / TypeError: bad targets, patterns or config for a layer; the model is left unchanged.
     """
     if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an AdapterConfig (lx.config(...)), got {type(config).__name__}")
+        raise TypeError(
+            f"config must be an AdapterConfig (lx.config(...)), got {type(config).__name__}"
+        )
     saved_paths = _normalise_saved(model, modules_to_save)
     paths = select(model, targets, exclude, skip=saved_paths)
     for key, value in {**(rank_pattern or {}), **(alpha_pattern or {})}.items():
@@ -373,6 +378,7 @@ def adapt_(
         if id(p) not in known and id(p) not in adapter_params:
             record.append((p, flag))
     for path, adapter in built.items():
+        adapter.train(adapter.base.training)  # a model in eval mode stays in eval mode (dropout off)
         _replace(model, path, adapter)
     for path, module in saved.items():
         _replace(model, path, module)

@@ -54,7 +54,9 @@ def output_head_names(model: nn.Module) -> set[str]:
     for attr in _HEAD_NAMES:
         head = getattr(model, attr, None)
         if isinstance(head, nn.Module):
-            heads.update(n for n, m in model.named_modules() if m is head or n.startswith(attr + "."))
+            heads.update(
+                n for n, m in model.named_modules() if m is head or n.startswith(attr + ".")
+            )
     return heads
 
 
@@ -99,7 +101,9 @@ def select(
             and not _inside_adapter(n, adapter_paths)
         ]
         if not chosen:
-            raise ValueError(f'"all-linear" found no nn.Linear or Conv1D layer in {type(model).__name__}')
+            raise ValueError(
+                f'"all-linear" found no nn.Linear or Conv1D layer in {type(model).__name__}'
+            )
         return chosen
 
     matches = _matcher(targets, "targets")

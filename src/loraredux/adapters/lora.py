@@ -63,7 +63,9 @@ class LoRA(Adapter):
         h = x if self.dropout is None or not self.view.input_is_dense else self.dropout(x)
         z = self.view.project(h, self.A)  # (..., r)
         # y + s * z B^T as one GEMM with accumulate: no separate scale and add passes over (tokens, out).
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.B.T, alpha=self.scale)
+        out = torch.addmm(
+            y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.B.T, alpha=self.scale
+        )
         return out.view(y.shape)
 
     # -- PEFT format: tensor names relative to the layer's path --------------------------------------
@@ -131,17 +133,27 @@ class LoRAConfig(AdapterConfig):
     @classmethod
     def from_peft_fields(cls, fields: dict[str, Any]) -> LoRAConfig:
         """Read PEFT's LoraConfig fields; refuse the ones whose meaning we would silently drop."""
-        unsupported = {
+        # Fields of PEFT's LoRA variants: each changes what the layer computes, so reading the file while
+        # ignoring it would give other outputs than PEFT. Init-only fields (loftq_config, eva_config, ...) are
+        # harmless once the weights are trained, and are read as plain LoRA.
+        neutral: dict[str, Any] = {
             "use_dora": False,
             "bias": "none",
             "lora_bias": False,
             "use_qalora": False,
+            "use_bdlora": None,
+            "alora_invocation_tokens": None,
+            "kasa_config": None,
+            "arrow_config": None,
+            "monteclora_config": None,
+            "velora_config": None,
+            "megatron_config": None,
         }
-        for key, neutral in unsupported.items():
-            if fields.get(key, neutral) not in (neutral, None):
+        for key, value in neutral.items():
+            if fields.get(key, value) not in (value, None, False):
                 raise ValueError(
-                    f"PEFT adapter has {key}={fields[key]!r}, which loraredux's lora does not read; "
-                    f"expected {neutral!r}"
+                    f"PEFT adapter has {key}={fields[key]!r}, a LoRA variant that loraredux's lora does not "
+                    f"compute; expected {value!r}"
                 )
         init = fields.get("init_lora_weights", True)
         return cls(
@@ -151,4 +163,3 @@ class LoRAConfig(AdapterConfig):
             rslora=bool(fields.get("use_rslora", False)),
             init="gaussian" if init == "gaussian" else "kaiming",
         )
-

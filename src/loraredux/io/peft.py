@@ -1,0 +1,303 @@
+"""Hugging Face PEFT's adapter format, both ways.
+
+`adapter_config.json` holds PEFT's config class fields (`peft_type`, `target_modules`, `rank_pattern`, ...) and
+`adapter_model.safetensors` the tensors under `base_model.model.<module path>.<name>` (LoRA: `lora_A.weight`,
+`lora_B.weight`, or `lora_embedding_A` / `lora_embedding_B` for an embedding); a module to save is written as its
+own state dict under its path (`base_model.model.classifier.weight`), without PEFT's in-memory
+`modules_to_save.default.` infix.
+
+This file knows PEFT's generic conventions only. What a method's fields and tensors are called in PEFT lives in
+the method's own file: `Config.peft_type`, `config.peft_fields()`, `Config.from_peft_fields(fields)`,
+`adapter.peft_tensors()` and `adapter.load_peft_tensors(tensors)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core import (
+    Adapter,
+    AdapterConfig,
+    SavedModule,
+    adapt_,
+    available_methods,
+    check_tensors,
+    saved_modules,
+)
+from ..core import config_class as _config_class
+from .layout import (
+    adapted_layers,
+    base_model_name,
+    exact_regex,
+    saved_paths,
+    shared_config,
+    split_patterns,
+)
+
+__all__ = ["load", "supports", "to_files"]
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "base_model.model."
+# PEFT's name for the wrapped layer; it writes an adapted embedding's table under it.
+_BASE_LAYER = "base_layer."
+# PEFT task types from the model class name, and the heads PEFT then adds to modules_to_save itself.
+_TASKS = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+)
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score")}
+# PEFT's generic selection fields whose meaning loraredux does not read: refuse rather than drop them.
+_UNSUPPORTED = (
+    "layers_to_transform",
+    "layers_pattern",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+)
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+
+def _original_names(model: nn.Module) -> list[str]:
+    """Module paths as PEFT sees them in the bare model: adapters and saved modules count as the layer they wrap."""
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, (Adapter, SavedModule))]
+    names = []
+    for name, _ in model.named_modules():
+        inside = next((w for w in wrappers if name.startswith(w[0] + ".")), None)
+        if inside is None:
+            names.append(name)
+        elif isinstance(inside[1], SavedModule) and name.startswith(inside[0] + ".original."):
+            names.append(inside[0] + name[len(inside[0]) + len(".original") :])
+    return names
+
+
+def _peft_saved_selection(names: Iterable[str], entries: Iterable[str]) -> list[str]:
+    """The paths PEFT wraps as modules to save: its rule is a plain `path.endswith(entry)`; outermost only."""
+    entries = [e for e in entries if e]
+    hits = [n for n in names if n and any(n.endswith(e) for e in entries)]
+    return [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+
+
+def _supported(adapter: Adapter) -> bool:
+    cls = type(adapter.config)
+    return (
+        getattr(cls, "peft_type", None) is not None
+        and callable(getattr(adapter, "peft_tensors", None))
+        and callable(getattr(adapter.config, "peft_fields", None))
+    )
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether every adapter of the model has a PEFT form."""
+    return all(_supported(a) for a in adapted_layers(model).values())
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((task for suffix, task in _TASKS if name.endswith(suffix)), None)
+
+
+def _suffix_selection(names: list[str], entries: list[str]) -> set[str]:
+    return {n for n in names if any(n == e or n.endswith("." + e) for e in entries)}
+
+
+def _target_modules(names: list[str], paths: list[str]) -> list[str] | str:
+    """What PEFT's `target_modules` should say to select exactly the adapted layers of the bare model: their
+    leaf names where possible, else their full paths (suffix-matched), else an exact regex (full-matched)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    for entries in (leaves, list(paths)):
+        if _suffix_selection(names, entries) == set(paths):
+            return entries
+    return exact_regex(list(paths))
+
+
+def _modules_to_save(model: nn.Module, names: list[str]) -> tuple[list[str], str | None]:
+    """The modules-to-save entries and the task type, such that PEFT wraps exactly our saved modules."""
+    saved = saved_paths(model)
+    extra = sorted(set(_peft_saved_selection(names, saved)) - set(saved))
+    if extra:
+        raise ValueError(
+            f"PEFT matches modules_to_save by name suffix, so {saved} would also select {extra}; "
+            "save with format='native' instead"
+        )
+    task = _task_type(model)
+    heads = _TASK_HEADS.get(task or "", ())
+    if heads and set(_peft_saved_selection(names, [*saved, *heads])) != set(saved):
+        # PEFT would wrap the head and then require its weights in the file; the head is part of the base here.
+        logger.info("task_type %s left out: the model's head is not a module to save", task)
+        task = None
+    return saved, task
+
+
+def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The contents of PEFT's `adapter_config.json` and `adapter_model.safetensors` for an adapted model.
+
+    Raises:
+        ValueError: no adapters, a method without a PEFT form, layers that differ in more than rank / alpha,
+            or modules to save that PEFT could not select exactly.
+    """
+    layers = adapted_layers(model)
+    missing = sorted({a.config.method for a in layers.values() if not _supported(a)})
+    if missing:
+        raise ValueError(f"method(s) {missing} have no PEFT form; save with format='native'")
+    configs = {path: a.config for path, a in layers.items()}
+    shared = shared_config(configs)
+    rank_pattern, alpha_pattern = split_patterns(shared, configs)
+    names = _original_names(model)
+    saved, task = _modules_to_save(model, names)
+    config = {
+        **shared.peft_fields(),
+        "peft_type": type(shared).peft_type,
+        "task_type": task,
+        "base_model_name_or_path": base_model_name(model),
+        "inference_mode": True,
+        "target_modules": _target_modules(names, list(layers)),
+        "exclude_modules": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": saved or None,
+        "fan_in_fan_out": any(a.view.kind == "conv1d" for a in layers.values()),
+    }
+    tensors = {
+        f"{PREFIX}{path}.{name}": tensor
+        for path, adapter in layers.items()
+        for name, tensor in adapter.peft_tensors().items()
+    }
+    for path, module in saved_modules(model):
+        tensors.update({f"{PREFIX}{path}.{k}": v for k, v in module.module.state_dict().items()})
+    return config, tensors
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _method_config(fields: dict[str, Any]) -> AdapterConfig:
+    """The one registered config whose `peft_type` matches and whose `from_peft_fields` accepts the fields."""
+    peft_type = fields.get("peft_type")
+    classes = [_config_class(n) for n in available_methods()]
+    candidates = [c for c in classes if getattr(c, "peft_type", None) == peft_type]
+    if not candidates:
+        known = sorted({c.peft_type for c in classes if getattr(c, "peft_type", None)})
+        raise ValueError(f"unknown peft_type {peft_type!r}: loraredux reads {known}")
+    accepted, refusals = [], []
+    for cls in candidates:
+        try:
+            accepted.append(cls.from_peft_fields(fields))
+        except ValueError as err:
+            refusals.append(f"{cls.method}: {err}")
+    if len(accepted) != 1:
+        why = (
+            "; ".join(refusals) if not accepted else f"{[c.method for c in accepted]} all accept it"
+        )
+        raise ValueError(f"cannot read this {peft_type} adapter: {why}")
+    return accepted[0]
+
+
+def _check_generic_fields(fields: dict[str, Any]) -> None:
+    for key in _UNSUPPORTED:
+        if fields.get(key) not in (None, [], {}, ""):
+            raise ValueError(
+                f"PEFT adapter sets {key}={fields[key]!r}, which loraredux does not read"
+            )
+    if not fields.get("target_modules"):
+        raise ValueError(
+            "PEFT adapter has no target_modules (PEFT's per-architecture defaults are not read)"
+        )
+
+
+def _group(tensors: dict[str, Tensor], owners: list[str]) -> dict[str, dict[str, Tensor]]:
+    """Split file keys by the exact module path they belong to (the longest adapted or saved path)."""
+    by_length = sorted(owners, key=len, reverse=True)
+    groups: dict[str, dict[str, Tensor]] = {p: {} for p in owners}
+    strangers = []
+    for key, value in tensors.items():
+        rest = key.removeprefix(PREFIX)
+        owner = next((p for p in by_length if rest.startswith(p + ".")), None)
+        if not key.startswith(PREFIX) or owner is None:
+            strangers.append(key)
+        else:
+            groups[owner][rest[len(owner) + 1 :]] = value
+    if strangers:
+        raise ValueError(
+            "the adapter file has tensors for modules that the model lacks or the config does not adapt "
+            "or save: "
+            f"{sorted(strangers)[:10]}{' ...' if len(strangers) > 10 else ''}"
+        )
+    return groups
+
+
+def _fill(
+    tensors: dict[str, Tensor], built: dict[str, Adapter], saved: dict[str, SavedModule]
+) -> None:
+    """Load the file's tensors into the adapters before they are swapped in; every check comes first."""
+    groups = _group(tensors, [*built, *saved])
+    base_tables: list[tuple[str, Tensor, Tensor]] = []
+    for path, adapter in built.items():
+        own = {k: v for k, v in groups[path].items() if not k.startswith(_BASE_LAYER)}
+        base = {
+            k[len(_BASE_LAYER) :]: v for k, v in groups[path].items() if k.startswith(_BASE_LAYER)
+        }
+        try:
+            adapter.load_peft_tensors(own)
+            state = adapter.base.state_dict()
+            check_tensors(base, {k: state[k] for k in base if k in state})
+        except ValueError as err:
+            raise ValueError(f"layer {path!r} ({PREFIX}{path}.*): {err}") from err
+        base_tables += [(f"{path}.{k}", state[k], v) for k, v in base.items()]
+    for path, module in saved.items():
+        own = module.module.state_dict()
+        try:
+            values = check_tensors(groups[path], own)
+        except ValueError as err:
+            raise ValueError(f"module to save {path!r} ({PREFIX}{path}.*): {err}") from err
+        with torch.no_grad():
+            for key, value in values.items():
+                own[key].copy_(value)
+    _load_base_tables(base_tables)
+
+
+@torch.no_grad()
+def _load_base_tables(tables: list[tuple[str, Tensor, Tensor]]) -> None:
+    """PEFT saves an adapted embedding's table too (`save_embedding_layers`) and loads it into the base."""
+    for name, target, value in tables:
+        if not torch.equal(target, value.to(target.dtype)):
+            warnings.warn(
+                f"the adapter file replaces the base weights {name} (PEFT's save_embedding_layers); "
+                "lx.unadapt_ will not bring back the old values",
+                stacklevel=4,
+            )
+        target.copy_(value)
+
+
+def load(model: nn.Module, fields: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
+    """Adapt a bare model as a PEFT `adapter_config.json` says and load the PEFT tensors into it.
+
+    Raises:
+        ValueError: unknown `peft_type`, fields loraredux does not read, or tensors whose keys or shapes do not
+            fit the model (named); the model is left as it was.
+    """
+    method_config = _method_config(fields)
+    _check_generic_fields(fields)
+    saved = _peft_saved_selection(_original_names(model), fields.get("modules_to_save") or [])
+    return adapt_(
+        model,
+        method_config,
+        fields["target_modules"],
+        exclude=fields.get("exclude_modules") or None,
+        rank_pattern=fields.get("rank_pattern") or None,
+        alpha_pattern=fields.get("alpha_pattern") or None,
+        modules_to_save=saved,
+        prepare=lambda built, saved_modules: _fill(tensors, built, saved_modules),
+    )

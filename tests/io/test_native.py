@@ -1,0 +1,144 @@
+"""loraredux's own adapter format: a round trip gives the same outputs and the same adapter state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import loraredux as lx
+from loraredux import core
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).double().eval()
+
+
+def tiny_bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).double().eval()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(2)
+    for p in lx.trainable_parameters(model).values():
+        p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def assert_same_adapter(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    state_a, state_b = lx.adapter_state_dict(a), lx.adapter_state_dict(b)
+    assert list(state_a) == list(state_b)
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert {p: m.config for p, m in lx.adapters(a)} == {p: m.config for p, m in lx.adapters(b)}
+    torch.testing.assert_close(logits(a), logits(b), rtol=0, atol=0)
+
+
+ADAPTS = {
+    "llama-patterns-embedding": (
+        tiny_llama,
+        {
+            "targets": ["embed_tokens", "q_proj", "v_proj", "down_proj"],
+            "rank_pattern": {"layers.0.self_attn.q_proj": 2, "down_proj": 6},
+            "alpha_pattern": {"v_proj": 3.0},
+        },
+    ),
+    "bert-classifier": (tiny_bert, {"targets": "all-linear", "modules_to_save": ["classifier"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(ADAPTS))
+def test_native_round_trip(name: str, tmp_path: Path) -> None:
+    factory, kwargs = ADAPTS[name]
+    model = lx.adapt_(factory(), lx.config("lora", rank=4, alpha=8.0, rslora=True), **kwargs)
+    randomize(model)
+
+    assert lx.save_adapter(model, tmp_path, format="native") == tmp_path
+    loaded = lx.load_adapter(factory(), tmp_path)
+
+    assert_same_adapter(model, loaded)
+    assert not torch.allclose(logits(factory()), logits(loaded))
+
+
+def test_native_config_layout(tmp_path: Path) -> None:
+    factory, kwargs = ADAPTS["llama-patterns-embedding"]
+    model = lx.adapt_(factory(), lx.config("lora", rank=4), **kwargs)
+    lx.save_adapter(model, tmp_path, format="native")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["format"], config["format_version"], config["method"]) == (
+        "loraredux",
+        1,
+        "lora",
+    )
+    assert config["config"] == lx.config("lora", rank=4).to_dict()
+    assert config["layers"]["model.layers.0.self_attn.q_proj"]["rank"] == 2
+    assert list(config["layers"]) == [path for path, _ in lx.adapters(model)]
+    assert config["modules_to_save"] == []
+
+
+@pytest.fixture
+def peftless_method(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A registered method without a PEFT form, registered for this test only (the contract suite never
+    sees it)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class PlainLowRankConfig(lx.LoRAConfig):
+        peft_type: ClassVar[str | None] = None
+
+    monkeypatch.setattr(PlainLowRankConfig, "method", "plain-low-rank")
+    monkeypatch.setitem(core._REGISTRY, "plain-low-rank", PlainLowRankConfig)
+    return "plain-low-rank"
+
+
+def test_auto_picks_native_for_a_method_peft_lacks(peftless_method: str, tmp_path: Path) -> None:
+    model = lx.adapt_(tiny_llama(), lx.config(peftless_method, rank=2), ["q_proj"])
+    randomize(model)
+    with pytest.raises(ValueError, match="no PEFT form"):
+        lx.save_adapter(model, tmp_path, format="peft")
+    lx.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["format"], config["method"]) == ("loraredux", peftless_method)
+    assert_same_adapter(model, lx.load_adapter(tiny_llama(), tmp_path))
+
+
+def test_auto_picks_peft_for_lora(tmp_path: Path) -> None:
+    model = lx.adapt_(tiny_llama(), lx.config("lora", rank=2), ["q_proj"])
+    lx.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_peft_round_trip_within_loraredux(tmp_path: Path) -> None:
+    factory, kwargs = ADAPTS["bert-classifier"]
+    model = lx.adapt_(factory(), lx.config("lora", rank=4, alpha=8.0), **kwargs)
+    randomize(model)
+    lx.save_adapter(model, tmp_path, format="peft")
+    assert_same_adapter(model, lx.load_adapter(factory(), tmp_path))
