@@ -47,6 +47,19 @@ def saved_paths(model: nn.Module) -> list[str]:
     return [path for path, _ in saved_modules(model)]
 
 
+_TASKS = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+)
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers model class (SEQ_CLS, CAUSAL_LM), or None for other models."""
+    name = type(model).__name__
+    return next((task for suffix, task in _TASKS if name.endswith(suffix)), None)
+
+
 def base_model_name(model: nn.Module) -> str | None:
     """The model's hub name or local path as transformers records it, or None."""
     name = getattr(model, "name_or_path", None) or getattr(

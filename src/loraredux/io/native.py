@@ -32,6 +32,7 @@ from .layout import (
     saved_paths,
     shared_config,
     split_patterns,
+    task_type,
 )
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "to_files"]
@@ -57,6 +58,7 @@ def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
         "layers": {path: c.to_dict() for path, c in configs.items()},
         "modules_to_save": saved_paths(model),
         "base_model_name_or_path": base_model_name(model),
+        "task_type": task_type(model),
     }
     return config, adapter_state_dict(model)
 

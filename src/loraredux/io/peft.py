@@ -38,6 +38,7 @@ from .layout import (
     saved_paths,
     shared_config,
     split_patterns,
+    task_type,
 )
 
 __all__ = ["load", "supports", "to_files"]
@@ -48,11 +49,6 @@ PREFIX = "base_model.model."
 # PEFT's name for the wrapped layer; it writes an adapted embedding's table under it.
 _BASE_LAYER = "base_layer."
 # PEFT task types from the model class name, and the heads PEFT then adds to modules_to_save itself.
-_TASKS = (
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("LMHeadModel", "CAUSAL_LM"),
-)
 _TASK_HEADS = {"SEQ_CLS": ("classifier", "score")}
 # PEFT's generic selection fields whose meaning loraredux does not read: refuse rather than drop them.
 _UNSUPPORTED = (
@@ -104,11 +100,6 @@ def supports(model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------------- saving
 
 
-def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    return next((task for suffix, task in _TASKS if name.endswith(suffix)), None)
-
-
 def _suffix_selection(names: list[str], entries: list[str]) -> set[str]:
     return {n for n in names if any(n == e or n.endswith("." + e) for e in entries)}
 
@@ -132,7 +123,7 @@ def _modules_to_save(model: nn.Module, names: list[str]) -> tuple[list[str], str
             f"PEFT matches modules_to_save by name suffix, so {saved} would also select {extra}; "
             "save with format='native' instead"
         )
-    task = _task_type(model)
+    task = task_type(model)
     heads = _TASK_HEADS.get(task or "", ())
     if heads and set(_peft_saved_selection(names, [*saved, *heads])) != set(saved):
         # PEFT would wrap the head and then require its weights in the file; the head is part of the base here.

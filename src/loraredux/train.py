@@ -1,0 +1,335 @@
+"""One small training loop: AdamW, warmup + cosine, gradient accumulation, evaluation, atomic checkpoints, exact resume.
+
+    for step in 1 .. steps:
+        g = (1/k) sum_j grad loss_fn(model, batches((step - 1) k + j))    j = 0 .. k-1 (k = accumulation)
+        clip g to max_grad_norm (optional); optimizer step at lr * lr_factor(step - 1); hooks; eval; checkpoint
+
+Data order is a pure function of the micro-step index, and a checkpoint holds everything else that decides what
+comes next (trainable tensors, optimizer and scheduler state, the RNG states), so a resumed run is bitwise the
+same as one that never stopped. Only safetensors and JSON are written: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint
+
+__all__ = ["TrainConfig", "TrainResult", "epoch_batches", "fit", "lr_factor"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Batch = Any
+# Fields that decide the trajectory: a resumed run must agree on them (eval/checkpoint cadence may change).
+_MUST_MATCH = ("steps", "lr", "weight_decay", "warmup_steps", "schedule", "accumulation")
+_MUST_MATCH += ("max_grad_norm", "seed")
+
+
+def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        orness = " or None" if optional else ""
+        raise ValueError(f"{name} must be an integer >= {low}{orness}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, positive: bool, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What `fit` does. Steps count optimizer steps; each one sees `accumulation` micro-batches.
+
+    Args:
+        steps: optimizer steps in all.
+        lr: the peak learning rate (of the default AdamW; a custom optimizer's own lrs are the peaks).
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: linear warmup steps, 0 <= warmup_steps <= steps.
+        schedule: "cosine" (warmup, then cosine to 0) or "constant" (warmup, then flat); see `lr_factor`.
+        accumulation: micro-batches per optimizer step (their losses are averaged).
+        max_grad_norm: clip the total gradient norm to this; None = no clipping.
+        eval_every: evaluate every this many steps (and after the last one); None = only after the last.
+        checkpoint_every: checkpoint every this many steps (and after the last one); None = only at the end.
+        seed: seeds torch, `random` and numpy when a run starts (not when it resumes).
+    """
+
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    accumulation: int = 1
+    max_grad_norm: float | None = None
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("TrainConfig.steps", self.steps, 1)
+        _check_number("TrainConfig.lr", self.lr, positive=True)
+        _check_number("TrainConfig.weight_decay", self.weight_decay, positive=False)
+        _check_int("TrainConfig.warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"TrainConfig.warmup_steps={self.warmup_steps} exceeds steps={self.steps}"
+            )
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"TrainConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}"
+            )
+        _check_int("TrainConfig.accumulation", self.accumulation, 1)
+        _check_number("TrainConfig.max_grad_norm", self.max_grad_norm, positive=True, optional=True)
+        _check_int("TrainConfig.eval_every", self.eval_every, 1, optional=True)
+        _check_int("TrainConfig.checkpoint_every", self.checkpoint_every, 1, optional=True)
+        _check_int("TrainConfig.seed", self.seed, 0)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The multiple of the peak lr used by optimizer step `step` (0-based, as `LambdaLR` counts).
+
+    Warmup (nanoGPT's): (step + 1) / (W + 1) for step < W, so no step is wasted at lr 0. Then 1 ("constant"), or
+    the cosine 0.5 (1 + cos(pi (step - W) / (steps - W))): 1 at step W, 0 at step `steps` (one past the last).
+    """
+    w = config.warmup_steps
+    if step < w:
+        return (step + 1) / (w + 1)
+    if config.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - w) / max(1, config.steps - w))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    """The history of a run; entry i of the lists belongs to optimizer step i + 1.
+
+    Attributes:
+        losses: mean loss over each step's micro-batches.
+        lrs: the learning rate (first parameter group) each step used.
+        grad_norms: the total gradient norm before clipping (only when `max_grad_norm` is set).
+        evals: (step, metrics) after each evaluation.
+        seconds: wall time spent training, summed over resumed runs.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps done."""
+        return len(self.losses)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        """Inverse of `dataclasses.asdict` after a JSON round trip (evals come back as lists)."""
+        data = dict(data, evals=[(int(s), dict(m)) for s, m in data["evals"]])
+        return cls(**data)
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+
+    torch.manual_seed(seed)  # also every CUDA device
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], dict[str, Any]]) -> dict[str, float]:
+    """eval_fn in eval mode without gradients; the RNG states are put back so evaluating never changes training."""
+    tensors, plain = checkpoint.rng_state()
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = eval_fn(model)
+    finally:
+        model.train()
+        checkpoint.set_rng_state(tensors, plain)
+    try:
+        return {str(k): float(v) for k, v in metrics.items()}
+    except (AttributeError, TypeError, ValueError) as err:
+        raise TypeError(f"eval_fn must return a dict of numbers, got {metrics!r}") from err
+
+
+def epoch_batches(
+    examples: Sequence[T], batch_size: int, collate: Callable[[list[T]], Batch], seed: int
+) -> Callable[[int], Batch]:
+    """Micro-step index -> batch, shuffled per epoch with a permutation seeded by (seed, epoch).
+
+    An epoch is len(examples) // batch_size full batches (the remainder is reshuffled into later epochs); with
+    fewer examples than batch_size every batch holds all of them. Batch i is the same in every process.
+    """
+    import numpy as np
+
+    _check_int("epoch_batches: batch_size", batch_size, 1)
+    _check_int("epoch_batches: seed", seed, 0)
+    if len(examples) == 0:
+        raise ValueError("epoch_batches: no examples")
+    n = len(examples)
+    size = min(batch_size, n)
+    per_epoch = n // size
+
+    @functools.lru_cache(maxsize=2)
+    def order(epoch: int) -> list[int]:
+        return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+    def batch(i: int) -> Batch:
+        if i < 0:
+            raise ValueError(f"micro-step index must be >= 0, got {i}")
+        epoch, j = divmod(i, per_epoch)
+        return collate([examples[k] for k in order(epoch)[j * size : (j + 1) * size]])
+
+    return batch
+
+
+def fit(
+    model: nn.Module,
+    batches: Callable[[int], Batch] | Sequence[Batch],
+    loss_fn: Callable[[nn.Module, Batch], Tensor],
+    config: TrainConfig,
+    *,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the parameters of `model` that require a gradient; see the module docstring for the loop.
+
+    After each optimizer step `step` (1-based), `module.on_optimizer_step(step)` is called on every module of the
+    model that defines it (AdaLoRA's rank allocator, ReLoRA's restarts); their state belongs in buffers, which the
+    checkpoint holds for adapters. Evaluation and checkpoints follow each step at the cadence of the config.
+
+    Args:
+        model: the model (left in the train/eval mode it came in).
+        batches: micro-step index -> batch (data order as a pure function of the step: exact resume), or a
+            sequence indexed modulo its length.
+        loss_fn: (model, batch) -> scalar loss, the mean over the batch.
+        config: the `TrainConfig`.
+        optimizer: None for AdamW(lr, weight_decay) over the trainable parameters, or a factory called with
+            their list; the schedule scales each group's own lr.
+        eval_fn: model -> {metric: number}, run in eval mode under no_grad without disturbing any RNG.
+        checkpoint_dir: where `checkpoint/` is written (needed for `checkpoint_every` and `resume`).
+        resume: continue from the checkpoint in `checkpoint_dir` (its config must agree on the trajectory).
+        progress: a tqdm bar (loss, lr); it also stays off when stderr is not a terminal.
+
+    Raises:
+        ValueError: no trainable parameter, a non-scalar loss, a missing `checkpoint_dir`, a checkpoint that
+            does not fit the model or the config. FileNotFoundError: resume without a checkpoint.
+        FloatingPointError: a non-finite loss (raised before that step changes any parameter).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if callable(batches):
+        get_batch = batches
+    elif isinstance(batches, Sequence) and len(batches) > 0:
+        get_batch = lambda i: batches[i % len(batches)]  # noqa: E731
+    else:
+        raise TypeError("batches must be a callable (micro-step -> batch) or a non-empty sequence")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameter (adapt it with lx.adapt_)"
+        )
+    root = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if root is None and (resume or config.checkpoint_every is not None):
+        raise ValueError("resume and checkpoint_every need a checkpoint_dir")
+    if optimizer is None:
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = optimizer(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"the optimizer factory returned a {type(opt).__name__}, not an Optimizer"
+            )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, config=config))
+    hooks = [m for m in model.modules() if callable(getattr(m, "on_optimizer_step", None))]
+    if resume:
+        history = checkpoint.load(
+            root, model, opt, scheduler, dataclasses.asdict(config), _MUST_MATCH
+        )
+        result = TrainResult.from_dict(history)
+    else:
+        _seed_everything(config.seed)
+        result = TrainResult()
+
+    k, start, was_training = config.accumulation, result.steps, model.training
+    bar = tqdm(
+        total=config.steps, initial=start, disable=None if progress else True, desc="training"
+    )
+    t0, seconds_before = time.perf_counter(), result.seconds
+    model.train()
+    try:
+        for step in range(start + 1, config.steps + 1):
+            opt.zero_grad(set_to_none=True)
+            total: Tensor | float = 0.0
+            for j in range(k):
+                loss = loss_fn(model, get_batch((step - 1) * k + j))
+                if loss.ndim != 0:
+                    raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+                (loss / k).backward()
+                low = loss.dtype in (torch.float16, torch.bfloat16)
+                total = total + (
+                    loss.detach().float() if low else loss.detach()
+                )  # one sync per step
+            mean_loss = float(total) / k
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"loss is {mean_loss} at step {step}; no parameter was updated"
+                )
+            if config.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                result.grad_norms.append(float(norm))
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            scheduler.step()
+            result.losses.append(mean_loss)
+            result.lrs.append(lr)
+            for module in hooks:
+                module.on_optimizer_step(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            last = step == config.steps
+            if eval_fn is not None and (
+                last or (config.eval_every and step % config.eval_every == 0)
+            ):
+                result.evals.append((step, _evaluate(model, eval_fn)))
+                logger.info("step %d: %s", step, result.evals[-1][1])
+            result.seconds = seconds_before + time.perf_counter() - t0
+            every = config.checkpoint_every
+            if root is not None and (last or (every and step % every == 0)):
+                checkpoint.save(
+                    root,
+                    model,
+                    opt,
+                    scheduler,
+                    dataclasses.asdict(config),
+                    dataclasses.asdict(result),
+                    result.steps,
+                )
+    finally:
+        bar.close()
+        model.train(was_training)
+    return result

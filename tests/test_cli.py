@@ -1,0 +1,90 @@
+"""The command line, end to end on the packaged MiniLM: train, then PEFT, inspect and merge agree on the result."""
+
+import json
+
+import pytest
+import torch
+
+import loraredux as lx
+from loraredux.cli import build_parser, main
+
+
+def test_every_command_and_option_has_help(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, subparser in sub.choices.items():
+        for action in subparser._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    assert "--rank" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--rank", "0"], "must be an integer >= 1"),
+        (["train", "--alpha", "-1"], "must be a number > 0"),
+    ],
+)
+def test_bad_options_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_methods_lists_lora(capsys):
+    assert main(["methods"]) == 0
+    assert "lora" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    argv = ["train", "--train-examples", "64", "--eval-examples", "32", "--steps", "3", "--rank", "4"]
+    assert main([*argv, "--out", str(out), "--no-progress", "--seed", "1"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_train_writes_a_peft_adapter_and_metrics(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert {"accuracy_before", "accuracy_after", "trainable_parameters"} <= set(metrics)
+    assert 0.0 <= metrics["accuracy_after"] <= 1.0
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert config["task_type"] == "SEQ_CLS"
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_trained_adapter_gives_the_same_logits_in_peft_and_after_merge(trained, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    from loraredux import assets
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(assets.minilm_dir(), num_labels=2).eval()
+
+    ids = torch.randint(1000, 2000, (3, 12), generator=torch.Generator().manual_seed(0))
+    ours = lx.load_adapter(base(), trained)
+    expected = ours(input_ids=ids).logits
+    theirs = peft.PeftModel.from_pretrained(base(), trained).eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    with lx.disabled(ours):
+        assert not torch.allclose(ours(input_ids=ids).logits, expected)  # the adapter did something
+
+    capsys.readouterr()
+    assert main(["inspect", str(trained)]) == 0
+    shown = capsys.readouterr().out
+    assert "method lora" in shown and "encoder.layer.5.attention.self.value" in shown
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(trained), "--out", str(merged)]) == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert not list(lx.adapters(plain))
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert main(["merge", str(trained), "--out", str(merged)]) == 2  # refuses to overwrite

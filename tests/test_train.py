@@ -1,0 +1,433 @@
+"""The training loop: exact resume, accumulation, the schedule, atomic checkpoints, evaluation and hooks."""
+
+import math
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import loraredux as lx
+from loraredux import checkpoint, train
+from loraredux.train import TrainConfig, epoch_batches, fit, lr_factor
+
+N_IN, N_OUT, N_EXAMPLES = 6, 3, 48
+gen = torch.Generator().manual_seed(123)
+X = torch.randn(N_EXAMPLES, N_IN, generator=gen, dtype=torch.float64)
+Y = torch.randn(N_EXAMPLES, N_OUT, generator=gen, dtype=torch.float64)
+
+
+class Tiny(nn.Module):
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.up = nn.Linear(N_IN, 16)
+        self.drop = nn.Dropout(dropout)
+        self.down = nn.Linear(16, N_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.drop(torch.tanh(self.up(x))))
+
+
+def make(dropout: float = 0.2, lora: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    model = Tiny(dropout).double()
+    if lora:
+        lx.adapt_(model, lx.config("lora", rank=2, dropout=dropout), targets=["up", "down"])
+    return model
+
+
+def collate(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return X[idx], Y[idx]
+
+
+def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def noisy_mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Draws from python's and numpy's RNGs too, so resume must restore every RNG."""
+    return mse(model, batch) * (1 + 0.1 * random.random() + 0.1 * float(np.random.rand()))
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lx.trainable_parameters(model).items()}
+
+
+def assert_same_run(a: train.TrainResult, b: train.TrainResult) -> None:
+    assert (a.losses, a.lrs, a.grad_norms, a.evals) == (b.losses, b.lrs, b.grad_norms, b.evals)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_at(micro: int):
+    batches = epoch_batches(list(range(N_EXAMPLES)), 4, collate, seed=1)
+
+    def get(i: int):
+        if i == micro:
+            raise Crash(f"killed at micro-step {i}")
+        return batches(i)
+
+    return get
+
+
+BATCHES = epoch_batches(list(range(N_EXAMPLES)), 4, collate, seed=1)
+
+
+def test_resume_is_bitwise_identical_with_dropout_and_accumulation(tmp_path):
+    cfg = TrainConfig(
+        steps=14,
+        lr=1e-2,
+        warmup_steps=3,
+        accumulation=3,
+        max_grad_norm=0.5,
+        checkpoint_every=4,
+        eval_every=5,
+        seed=7,
+    )
+    evals = lambda m: {"noise": float(torch.rand(()))}  # noqa: E731  (consumes RNG: must not matter)
+    model = make()
+    full = fit(
+        model, BATCHES, noisy_mse, cfg, eval_fn=evals, checkpoint_dir=tmp_path / "a", progress=False
+    )
+
+    with pytest.raises(Crash):  # dies during step 10: the last checkpoint is step 8
+        fit(
+            make(),
+            crash_at(9 * 3 + 1),
+            noisy_mse,
+            cfg,
+            eval_fn=evals,
+            checkpoint_dir=tmp_path / "b",
+            progress=False,
+        )
+    again = make()
+    resumed = fit(
+        again,
+        BATCHES,
+        noisy_mse,
+        cfg,
+        eval_fn=evals,
+        checkpoint_dir=tmp_path / "b",
+        resume=True,
+        progress=False,
+    )
+
+    assert_same_run(full, resumed)
+    assert [s for s, _ in resumed.evals] == [5, 10, 14]
+    for name, value in trainable(model).items():
+        assert torch.equal(value, trainable(again)[name]), name
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint"]
+    # Only safetensors and JSON on disk.
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoint")) == [
+        "state.json",
+        "tensors.safetensors",
+    ]
+
+
+def test_evaluation_does_not_change_training():
+    cfg = TrainConfig(steps=6, lr=1e-2, eval_every=1, seed=2)
+    a, b = make(), make()
+    noise = lambda m: {"r": float(torch.rand(())) + random.random() + np.random.rand()}  # noqa: E731
+    fit(a, BATCHES, noisy_mse, cfg, eval_fn=noise, progress=False)
+    fit(b, BATCHES, noisy_mse, cfg, progress=False)
+    for name, value in trainable(a).items():
+        assert torch.equal(value, trainable(b)[name]), name
+
+
+def test_micro_steps_are_asked_for_in_order_and_resume_continues_them(tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-2, accumulation=3, checkpoint_every=2)
+    asked: list[int] = []
+
+    def recorded(i: int):
+        asked.append(i)
+        if len(asked) == 8:  # dies in step 3, after the step-2 checkpoint
+            raise Crash
+        return BATCHES(i)
+
+    with pytest.raises(Crash):
+        fit(make(), recorded, mse, cfg, checkpoint_dir=tmp_path, progress=False)
+    asked.clear()
+    fit(
+        make(),
+        lambda i: asked.append(i) or BATCHES(i),
+        mse,
+        cfg,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        progress=False,
+    )
+    assert asked == list(range(6, 12))
+    fixed = [collate([0, 1]), collate([2, 3])]  # a sequence is indexed modulo its length
+    seq = fit(make(dropout=0.0), fixed, mse, TrainConfig(steps=2, lr=1e-2), progress=False)
+    assert seq.losses[1] != seq.losses[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_accumulating_k_micro_batches_equals_one_step_on_their_concatenation(optimizer):
+    factory = None if optimizer == "adamw" else (lambda ps: torch.optim.SGD(ps, lr=0.1))
+    k, b = 4, 3
+    micro = lambda i: collate(list(range(i * b, (i + 1) * b)))  # noqa: E731
+    whole = lambda i: collate(list(range(i * k * b, (i + 1) * k * b)))  # noqa: E731
+    models = make(dropout=0.0), make(dropout=0.0)
+    fit(
+        models[0],
+        micro,
+        mse,
+        TrainConfig(steps=3, lr=0.05, schedule="constant", accumulation=k),
+        optimizer=factory,
+        progress=False,
+    )
+    fit(
+        models[1],
+        whole,
+        mse,
+        TrainConfig(steps=3, lr=0.05, schedule="constant"),
+        optimizer=factory,
+        progress=False,
+    )
+    before = trainable(make(dropout=0.0))
+    assert not all(torch.equal(v, before[n]) for n, v in trainable(models[0]).items())
+    for name, value in trainable(models[0]).items():
+        torch.testing.assert_close(value, trainable(models[1])[name], rtol=1e-10, atol=1e-12)
+
+
+def test_warmup_then_cosine_follows_the_formula():
+    cfg = TrainConfig(steps=20, lr=0.1, warmup_steps=4, seed=0)
+    result = fit(make(), BATCHES, mse, cfg, progress=False)
+    assert result.lrs[:4] == pytest.approx([0.1 * (s + 1) / 5 for s in range(4)], rel=1e-12)
+    for s in range(4, 20):
+        expected = 0.1 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16))
+        assert result.lrs[s] == pytest.approx(expected, rel=1e-12)
+    assert result.lrs[4] == pytest.approx(0.1)  # the peak right after warmup
+    assert lr_factor(12, cfg) == pytest.approx(0.5)  # half way down
+    assert lr_factor(20, cfg) == 0.0  # reaches 0 one past the last step
+    assert all(x > y for x, y in zip(result.lrs[4:], result.lrs[5:], strict=False))
+
+
+def test_constant_schedule_after_warmup():
+    cfg = TrainConfig(steps=6, lr=0.1, warmup_steps=2, schedule="constant")
+    assert fit(make(), BATCHES, mse, cfg, progress=False).lrs == pytest.approx(
+        [0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.1, 0.1]
+    )
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2, seed=1)
+    full = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path / "full", progress=False)
+    tmp_path = tmp_path / "run"
+    real, calls = safetensors.torch.save_file, []
+
+    def failing(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the step-4 checkpoint dies half written
+            with open(path, "wb") as fh:
+                fh.write(b"\x00" * 10)
+            raise OSError("disk full")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]  # no temporary folder left behind
+    resumed = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert_same_run(full, resumed)
+
+
+def test_a_crash_between_the_renames_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2, seed=1)
+    full = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path / "full", progress=False)
+    tmp_path = tmp_path / "run"
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 3:  # second checkpoint: `checkpoint` moved aside, the new one not yet in
+            raise OSError("power cut")
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(OSError, match="power cut"):
+        fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    assert sorted(os.listdir(tmp_path)) == [".checkpoint.old"]
+    resumed = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert_same_run(full, resumed)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_eval_fn_runs_at_the_right_steps_in_eval_mode():
+    seen = []
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        seen.append((model.training, torch.is_grad_enabled()))
+        return {"loss": float(mse(model, collate(list(range(8)))))}
+
+    model = make()
+    result = fit(
+        model,
+        BATCHES,
+        mse,
+        TrainConfig(steps=7, lr=1e-2, eval_every=3),
+        eval_fn=evaluate,
+        progress=False,
+    )
+    assert [s for s, _ in result.evals] == [3, 6, 7]
+    assert seen == [(False, False)] * 3
+    assert model.training  # left in the mode it came in
+    in_eval_mode = make().eval()
+    only_last = fit(
+        in_eval_mode, BATCHES, mse, TrainConfig(steps=4, lr=1e-2), eval_fn=evaluate, progress=False
+    )
+    assert [s for s, _ in only_last.evals] == [4]
+    assert not in_eval_mode.training
+
+
+def test_lora_fits_a_low_rank_regression():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 8).double()
+    teacher = base.weight.detach() + 0.5 * torch.randn(8, 2, dtype=torch.float64) @ torch.randn(
+        2, 12, dtype=torch.float64
+    )
+    x = torch.randn(256, 12, dtype=torch.float64)
+    y = x @ teacher.T + base.bias.detach()
+    model = nn.Sequential(base)
+    lx.adapt_(model, lx.config("lora", rank=2, alpha=2), targets=["0"])
+    batches = epoch_batches(list(range(256)), 32, lambda i: (x[i], y[i]), seed=0)
+    result = fit(
+        model, batches, mse, TrainConfig(steps=150, lr=0.05, warmup_steps=10), progress=False
+    )
+    assert result.losses[-1] < 1e-3 * result.losses[0]
+
+
+def test_on_optimizer_step_hook_gets_each_step():
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: list[int] = []
+
+        def on_optimizer_step(self, step: int) -> None:
+            self.steps.append(step)
+
+    model = make()
+    model.counter = Counter()
+    fit(model, BATCHES, mse, TrainConfig(steps=5, lr=1e-2, accumulation=2), progress=False)
+    assert model.counter.steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"steps": 0},
+        {"steps": 2.5},
+        {"lr": 0.0},
+        {"lr": float("nan")},
+        {"weight_decay": -0.1},
+        {"warmup_steps": 11},
+        {"warmup_steps": -1},
+        {"schedule": "linear"},
+        {"accumulation": 0},
+        {"accumulation": True},
+        {"max_grad_norm": 0.0},
+        {"eval_every": 0},
+        {"checkpoint_every": -2},
+        {"seed": -1},
+    ],
+)
+def test_bad_config_values_raise(fields):
+    with pytest.raises(ValueError, match="TrainConfig"):
+        TrainConfig(**{"steps": 10, "lr": 1e-3, **fields})
+
+
+def test_resume_refuses_a_missing_checkpoint_or_another_config(tmp_path):
+    cfg = TrainConfig(steps=3, lr=1e-2, checkpoint_every=1)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+    fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, progress=False)
+    other = TrainConfig(steps=3, lr=2e-2, checkpoint_every=1)
+    with pytest.raises(ValueError, match=re.escape("lr: checkpoint 0.01, given 0.02")):
+        fit(make(), BATCHES, mse, other, checkpoint_dir=tmp_path, resume=True, progress=False)
+    wider = make()
+    lx.unadapt_(wider)
+    lx.adapt_(wider, lx.config("lora", rank=3), targets=["up", "down"])
+    with pytest.raises(ValueError, match="does not fit this model"):
+        fit(wider, BATCHES, mse, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        fit(make(), BATCHES, mse, cfg, progress=False)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+    ],
+)
+def test_optimizer_state_round_trips_through_tensors_and_json(factory):
+    model = make()
+    opt = factory(list(lx.trainable_parameters(model).values()))
+    for _ in range(2):
+        opt.zero_grad()
+        mse(model, BATCHES(0)).backward()
+        opt.step()
+    tensors, plain = checkpoint._flatten_optimizer(opt.state_dict())
+    fresh = factory(list(lx.trainable_parameters(model).values()))
+    fresh.load_state_dict(checkpoint._unflatten_optimizer(tensors, plain, fresh.state_dict()))
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i, values in a["state"].items():
+        for key, value in values.items():
+            other = b["state"][i][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+def test_a_non_finite_loss_stops_before_the_update():
+    model = make()
+    before = trainable(model)
+    nan_loss = lambda m, b: mse(m, b) * float("nan")  # noqa: E731
+    with pytest.raises(FloatingPointError, match="step 1"):
+        fit(model, BATCHES, nan_loss, TrainConfig(steps=2, lr=1e-2), progress=False)
+    for name, value in trainable(model).items():
+        assert torch.equal(value, before[name])
+
+
+def test_no_trainable_parameter_is_an_error():
+    model = make(lora=False).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        fit(model, BATCHES, mse, TrainConfig(steps=1, lr=1e-2), progress=False)
+
+
+def test_epoch_batches_are_a_pure_function_of_the_step():
+    rows = list(range(10))
+    batches = epoch_batches(rows, 3, list, seed=5)
+    first_epoch = [batches(i) for i in range(3)]  # 10 // 3 = 3 full batches per epoch
+    assert len({x for b in first_epoch for x in b}) == 9
+    assert epoch_batches(rows, 3, list, seed=5)(4) == batches(4)  # same in a fresh helper
+    assert batches(3) != batches(0) or batches(4) != batches(1)  # a new permutation each epoch
+    assert epoch_batches(rows, 3, list, seed=6)(0) != batches(0)
+    assert sorted(epoch_batches(rows, 32, list, seed=0)(7)) == rows  # fewer rows than a batch
+    with pytest.raises(ValueError, match="no examples"):
+        epoch_batches([], 3, list, seed=0)
+
+
+@given(steps=st.integers(1, 500), data=st.data())
+def test_lr_factor_rises_then_falls_within_zero_and_one(steps, data):
+    warmup = data.draw(st.integers(0, steps))
+    cfg = TrainConfig(steps=steps, lr=1.0, warmup_steps=warmup)
+    factors = [lr_factor(s, cfg) for s in range(steps)]
+    assert all(0.0 < f <= 1.0 for f in factors)
+    assert factors[:warmup] == sorted(factors[:warmup])  # rising
+    assert factors[warmup:] == sorted(factors[warmup:], reverse=True)  # then falling
+    if warmup < steps:
+        assert factors[warmup] == 1.0
