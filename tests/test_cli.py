@@ -43,7 +43,17 @@ def test_methods_lists_lora(capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "adapter"
-    argv = ["train", "--train-examples", "64", "--eval-examples", "32", "--steps", "3", "--rank", "4"]
+    argv = [
+        "train",
+        "--train-examples",
+        "64",
+        "--eval-examples",
+        "32",
+        "--steps",
+        "3",
+        "--rank",
+        "4",
+    ]
     assert main([*argv, "--out", str(out), "--no-progress", "--seed", "1"]) == 0
     return out
 
@@ -67,7 +77,9 @@ def test_trained_adapter_gives_the_same_logits_in_peft_and_after_merge(trained, 
     from loraredux import assets
 
     def base():
-        return AutoModelForSequenceClassification.from_pretrained(assets.minilm_dir(), num_labels=2).eval()
+        return AutoModelForSequenceClassification.from_pretrained(
+            assets.minilm_dir(), num_labels=2
+        ).eval()
 
     ids = torch.randint(1000, 2000, (3, 12), generator=torch.Generator().manual_seed(0))
     ours = lx.load_adapter(base(), trained)

@@ -5,59 +5,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import loraredux as lx
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).double()
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).double().eval()
-
-
-def snapshot(model: nn.Module) -> tuple[dict, dict, list]:
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    kinds = [(n, type(m)) for n, m in model.named_modules()]
-    return state, flags, kinds
-
-
-def assert_unchanged(model: nn.Module, snap: tuple[dict, dict, list]) -> None:
-    state, flags, kinds = snap
-    assert [(n, type(m)) for n, m in model.named_modules()] == kinds
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
-
-
-def adapted_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in lx.adapters(model)]
-
+from tiny_models import adapted_names, assert_unchanged, snapshot, tiny_bert, tiny_llama
 
 # ---------------------------------------------------------------------------------------- targets
 
@@ -142,6 +92,27 @@ def test_rank_and_alpha_patterns_follow_peft_matching():
     assert got["model.layers.1.self_attn.q_proj"] == (5, 4)  # the first matching key wins
     assert got["model.layers.0.self_attn.v_proj"] == (3, 9)
     assert model.model.layers[1].self_attn.q_proj.A.shape == (5, 16)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "error", "message"),
+    [
+        ({"q_proj": 0}, ValueError, r"self_attn\.q_proj: lora: rank must be an integer"),
+        (
+            {"q_proj(": 4},
+            ValueError,
+            r"rank_pattern key 'q_proj\(' is not a valid regular expression",
+        ),
+        ({3: 4}, TypeError, "rank_pattern keys must be non-empty strings"),
+        (["q_proj"], TypeError, "rank_pattern must be a dict"),
+    ],
+)
+def test_bad_patterns_are_named_and_change_nothing(pattern, error, message):
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(error, match=message):
+        lx.adapt_(model, lx.config("lora", rank=2), targets=["q_proj"], rank_pattern=pattern)
+    assert_unchanged(model, snap)
 
 
 def test_pattern_key_does_not_match_a_mere_substring():

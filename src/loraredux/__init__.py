@@ -1,7 +1,7 @@
 """loraredux: low-rank adaptation read through signal processing.
 
-    import loraredux as lx
-    lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj"])
+import loraredux as lx
+lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj"])
 """
 
 from . import assets, train

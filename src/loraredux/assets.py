@@ -153,12 +153,23 @@ def load_minilm(num_labels: int = 2, *, task: str = "classification") -> tuple[A
     folder = minilm_dir()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if task == "base":
         model = AutoModel.from_pretrained(folder, local_files_only=True)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels, local_files_only=True
+        # The checkpoint has no classifier, so transformers warns that one was initialised: that is the point
+        # of this call, so the warning is replaced by one line at INFO level.
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=num_labels, local_files_only=True
+            )
+        finally:
+            hf_logging.set_verbosity(level)
+        logger.info(
+            "MiniLM with a new %d-class head (classifier.weight, classifier.bias)", num_labels
         )
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -200,6 +199,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     import loraredux as lx
+    from loraredux.io.files import write_json_atomic
     from loraredux.train import TrainConfig, fit
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -260,22 +260,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "final_train_loss": result.losses[-1] if result.losses else None,
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        _write_json_atomic(args.out / "metrics.json", metrics)
+        write_json_atomic(args.out / "metrics.json", metrics)
         print(f"adapter and metrics written to {args.out}/")
     return 0
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ inspect / merge

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .bases import BaseView, view_of
-from .targets import TargetSpec, pattern_value, select
+from .targets import TargetSpec, check_pattern, pattern_value, select
 
 __all__ = [
     "Adapter",
@@ -342,18 +342,17 @@ def adapt_(
         raise TypeError(
             f"config must be an AdapterConfig (lx.config(...)), got {type(config).__name__}"
         )
+    check_pattern("rank_pattern", rank_pattern)
+    check_pattern("alpha_pattern", alpha_pattern)
     saved_paths = _normalise_saved(model, modules_to_save)
     paths = select(model, targets, exclude, skip=saved_paths)
-    for key, value in {**(rank_pattern or {}), **(alpha_pattern or {})}.items():
-        if not isinstance(key, str):
-            raise TypeError(f"pattern keys must be strings, got {key!r}")
-        del value
     plan: dict[str, tuple[nn.Module, AdapterConfig]] = {}
     for path in paths:
-        layer_config = config.for_layer(
-            rank=pattern_value(path, rank_pattern), alpha=pattern_value(path, alpha_pattern)
-        )
-        plan[path] = (model.get_submodule(path), layer_config)
+        rank, alpha = pattern_value(path, rank_pattern), pattern_value(path, alpha_pattern)
+        try:
+            plan[path] = (model.get_submodule(path), config.for_layer(rank=rank, alpha=alpha))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     # Build on the side: the model is not touched until everything has succeeded.
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -378,7 +377,9 @@ def adapt_(
         if id(p) not in known and id(p) not in adapter_params:
             record.append((p, flag))
     for path, adapter in built.items():
-        adapter.train(adapter.base.training)  # a model in eval mode stays in eval mode (dropout off)
+        adapter.train(
+            adapter.base.training
+        )  # a model in eval mode stays in eval mode (dropout off)
         _replace(model, path, adapter)
     for path, module in saved.items():
         _replace(model, path, module)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .bases import is_adaptable, is_linear
 
-__all__ = ["TargetSpec", "pattern_value", "select"]
+__all__ = ["TargetSpec", "check_pattern", "pattern_value", "select"]
 
 TargetSpec = str | Sequence[str]
 V = TypeVar("V")
@@ -142,6 +142,25 @@ def no_match_message(model: nn.Module, targets: TargetSpec) -> str:
         f"targets {targets!r} match no module of {type(model).__name__}; "
         f"closest adaptable module names: {close} (all adaptable names: {leaves[:20]})"
     )
+
+
+def check_pattern(name: str, pattern: Mapping[str, object] | None) -> None:
+    """Refuse a pattern whose keys are not strings or not valid regular expressions (named in the message)."""
+    if pattern is None:
+        return
+    if not isinstance(pattern, Mapping):
+        raise TypeError(
+            f"{name} must be a dict of {{module key: value}}, got {type(pattern).__name__}"
+        )
+    for key in pattern:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{name} keys must be non-empty strings, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(
+                f"{name} key {key!r} is not a valid regular expression: {err}"
+            ) from err
 
 
 def pattern_value(name: str, pattern: Mapping[str, V] | None) -> V | None:

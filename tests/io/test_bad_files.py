@@ -11,40 +11,15 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraredux as lx
 from loraredux.io import AdapterFileError, files, read_adapter_config
+from tiny_models import assert_unchanged as unchanged
+from tiny_models import snapshot, tiny_llama
 
 
-def tiny_llama(hidden: int = 16, layers: int = 2) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[Any], list[bool]]:
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    return (
-        state,
-        [(n, type(m)) for n, m in model.named_modules()],
-        [p.requires_grad for p in model.parameters()],
-    )
-
-
-def assert_unchanged(model: torch.nn.Module, before: tuple[Any, Any, Any]) -> None:
-    state, modules, flags = snapshot(model)
-    assert modules == before[1]
-    assert flags == before[2]
-    assert list(state) == list(before[0])
-    assert all(torch.equal(state[k], before[0][k]) for k in state)
+def assert_unchanged(model: torch.nn.Module, before: Any) -> None:
+    unchanged(model, before)
     assert not list(lx.adapters(model))
 
 

@@ -9,36 +9,10 @@ from typing import ClassVar
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import loraredux as lx
 from loraredux import core
-
-
-def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).double().eval()
-
-
-def tiny_bert() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config).double().eval()
+from tiny_models import tiny_bert, tiny_llama
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:

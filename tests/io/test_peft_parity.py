@@ -12,60 +12,11 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 import loraredux as lx
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.parity
-
-
-def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).double().eval()
-
-
-def tiny_bert() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config).double().eval()
-
-
-def tiny_gpt2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=64,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config).double().eval()
 
 
 @dataclass

@@ -32,6 +32,7 @@ __all__ = [
     "read_adapter",
     "read_adapter_config",
     "write_adapter",
+    "write_json_atomic",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -99,6 +100,22 @@ def write_adapter(
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write `data` as JSON to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    text = json.dumps(data, indent=2) + "\n"  # fails here, before anything is written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- reading

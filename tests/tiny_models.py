@@ -1,0 +1,94 @@
+"""Tiny random transformers models (built from configs, nothing downloaded) and model snapshots for the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import loraredux as lx
+
+
+def tiny_llama(hidden: int = 16, layers: int = 2, dtype: torch.dtype = torch.float64, **cfg: Any):
+    """A 2-layer Llama with grouped-query attention (k/v are 16 -> 8), seeded, in eval mode."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **{
+            "vocab_size": 64,
+            "hidden_size": hidden,
+            "intermediate_size": 32,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32,
+            **cfg,
+        }
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_bert(**cfg: Any):
+    """A 2-layer BERT classifier with 3 labels, seeded, float64, in eval mode."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        **{
+            "vocab_size": 64,
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 32,
+            "num_labels": 3,
+            **cfg,
+        }
+    )
+    return BertForSequenceClassification(config).double().eval()
+
+
+def tiny_gpt2(**cfg: Any):
+    """A 2-layer GPT-2 (transformers' Conv1D layers), seeded, float64, in eval mode."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        **{
+            "vocab_size": 64,
+            "n_embd": 16,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_positions": 32,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            **cfg,
+        }
+    )
+    return GPT2LMHeadModel(config).double().eval()
+
+
+Snapshot = tuple[dict[str, torch.Tensor], list[tuple[str, type]], dict[str, bool]]
+
+
+def snapshot(model: torch.nn.Module) -> Snapshot:
+    """Everything a failed call must leave as it was: the state, the module types and the requires_grad flags."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [(n, type(m)) for n, m in model.named_modules()]
+    return state, kinds, {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model: torch.nn.Module, before: Snapshot) -> None:
+    state, kinds, flags = snapshot(model)
+    assert kinds == before[1]
+    assert flags == before[2]
+    assert list(state) == list(before[0])
+    for key, value in state.items():
+        assert torch.equal(value, before[0][key]), key
+
+
+def adapted_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, _ in lx.adapters(model)]
