@@ -21,6 +21,7 @@ from tiny_models import snapshot, tiny_llama
 # below assert that warning explicitly.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is not the config")
 
+
 def assert_unchanged(model: torch.nn.Module, before: Any) -> None:
     unchanged(model, before)
     assert not list(lx.adapters(model))

@@ -59,14 +59,21 @@ class LoRA(Adapter):
         return self.A, self.B, self.scale
 
     def adapted(self, x: Tensor) -> Tensor:
-        y = self.base(x)  # (..., out)
-        h = x if self.dropout is None or not self.view.input_is_dense else self.dropout(x)
-        z = self.view.project(h, self.A)  # (..., r)
-        # y + s * z B^T as one GEMM with accumulate: no separate scale and add passes over (tokens, out).
-        out = torch.addmm(
-            y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.B.T, alpha=self.scale
-        )
-        return out.view(y.shape)
+        dense = self.view.input_is_dense
+        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
+        # Rows are independent, so flatten once: the base and x A^T share one (tokens, in) input, and the base
+        # returns a fresh 2-D tensor to accumulate into.
+        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
+        y = self.base(x)  # (tokens, out)
+        h = x if self.dropout is None or not dense else self.dropout(x)
+        z = self.view.project(h, self.A)  # (tokens, r)
+        if y.dtype == z.dtype == self.B.dtype:
+            # y += s * z B^T as one GEMM accumulating in place: no new (tokens, out) tensor, no separate scale
+            # or add pass. Autograd allows it: the base's backward needs its input and weight, not y.
+            y.addmm_(z, self.B.T, alpha=self.scale)
+        else:  # autocast (y, z in bf16/fp16, B in fp32) or a base computing in another dtype
+            y = torch.addmm(y, z, self.B.T, alpha=self.scale)
+        return y.reshape(*lead, y.shape[-1])
 
     # -- PEFT format: tensor names relative to the layer's path --------------------------------------
     def peft_tensors(self) -> dict[str, Tensor]:
