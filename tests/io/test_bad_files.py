@@ -216,9 +216,8 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path: Path, monkeypatch) -> 
     ]
 
 
-def test_failed_rename_keeps_the_previous_config(tmp_path: Path, monkeypatch) -> None:
-    saved_adapter(tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+def torn_save(directory: Path, model: torch.nn.Module, monkeypatch) -> None:
+    """Save `model` over the adapter in `directory`, the power failing between the weights and the config."""
     real_replace = files.os.replace
 
     def crash_on_config(src: Any, dst: Any) -> None:
@@ -226,11 +225,20 @@ def test_failed_rename_keeps_the_previous_config(tmp_path: Path, monkeypatch) ->
             raise OSError("power cut")
         real_replace(src, dst)
 
-    monkeypatch.setattr(files.os, "replace", crash_on_config)
-    model = lx.adapt_(tiny_llama(), lx.config("lora", rank=8), ["q_proj", "v_proj"])
-    with pytest.raises(OSError, match="power cut"):
-        lx.save_adapter(model, tmp_path)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(files.os, "replace", crash_on_config)
+        with pytest.raises(OSError, match="power cut"):
+            lx.save_adapter(model, directory)
+
+
+def test_failed_rename_keeps_the_previous_config(tmp_path: Path, monkeypatch) -> None:
+    saved_adapter(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    torn_save(
+        tmp_path,
+        lx.adapt_(tiny_llama(), lx.config("lora", rank=8), ["q_proj", "v_proj"]),
+        monkeypatch,
+    )
     # Each file is whole (old config, new weights), and the loader names the mismatch instead of using it.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
     assert (tmp_path / "adapter_config.json").read_bytes() == before["adapter_config.json"]
@@ -241,18 +249,8 @@ def test_failed_rename_keeps_the_previous_config(tmp_path: Path, monkeypatch) ->
 def test_a_torn_save_with_equal_shapes_is_reported(tmp_path: Path, monkeypatch) -> None:
     """Only alpha changes: keys and shapes fit, so the config hash in the weights' metadata is the only witness."""
     saved_adapter(tmp_path)
-    real_replace = files.os.replace
-
-    def crash_on_config(src: Any, dst: Any) -> None:
-        if str(dst).endswith("adapter_config.json"):
-            raise OSError("power cut")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(files.os, "replace", crash_on_config)
     model = lx.adapt_(tiny_llama(), lx.config("lora", rank=4, alpha=32), ["q_proj", "v_proj"])
-    with pytest.raises(OSError, match="power cut"):
-        lx.save_adapter(model, tmp_path)
-    monkeypatch.undo()
+    torn_save(tmp_path, model, monkeypatch)
     with pytest.warns(UserWarning, match="interrupted"):
         lx.load_adapter(tiny_llama(), tmp_path)
     with warnings.catch_warnings():
