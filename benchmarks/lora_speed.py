@@ -131,7 +131,7 @@ def lora_pairs(lx_model: nn.Module, peft_model: nn.Module) -> list[tuple[Any, An
     import loraredux as lx
 
     pairs = []
-    for path, adapter in lx.core.adapters(lx_model):
+    for path, adapter in lx.adapters(lx_model):
         layer = peft_model.base_model.model.get_submodule(path)
         if not isinstance(layer, LoraLayer):
             raise RuntimeError(f"{path}: PEFT has no LoRA layer there ({type(layer).__name__})")
@@ -411,7 +411,7 @@ def mac_shares(model: nn.Module, args: argparse.Namespace) -> dict[str, float]:
     import loraredux as lx
 
     c = model.config
-    layers = [a for _, a in lx.core.adapters(model)]
+    layers = [a for _, a in lx.adapters(model)]
     return {
         "base projections": sum(a.in_features * a.out_features for a in layers),
         "lm_head": c.hidden_size * c.vocab_size,

@@ -10,20 +10,22 @@ from .core import (
     Adapter,
     AdapterConfig,
     SavedModule,
-    adapt_,
-    adapter_state_dict,
-    adapters,
     available_methods,
     config,
     config_from_dict,
+    register,
+)
+from .io import load_adapter, save_adapter
+from .verbs import (
+    adapt_,
+    adapter_state_dict,
+    adapters,
     disabled,
     load_adapter_state_dict,
     merge_,
-    register,
     trainable_parameters,
     unadapt_,
 )
-from .io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import adapter_state_dict, check_tensors
+from .core import check_tensors
+from .verbs import adapter_state_dict
 
 __all__ = ["load", "rng_state", "save", "set_rng_state"]
 

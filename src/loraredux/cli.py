@@ -312,6 +312,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import torch
 
     import loraredux as lx
+    from loraredux.verbs import saved_modules
 
     model, _ = _load_base(args.directory, args.model)
     lx.load_adapter(model, args.directory)
@@ -322,7 +323,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"{args.directory}: method {', '.join(methods)}, {len(layers)} adapted layers, "
         f"{n_train:,} adapter parameters"
     )
-    saved = [n for n, _ in lx.core.saved_modules(model)]
+    saved = [n for n, _ in saved_modules(model)]
     if saved:
         print(f"modules trained in full: {', '.join(saved)}")
     print(

@@ -1,21 +1,17 @@
-"""The adapter core: `Adapter`, `AdapterConfig`, the method registry and the model verbs.
+"""The adapter core: `Adapter`, `AdapterConfig` and the method registry (the model verbs are in `verbs.py`).
 
 An `Adapter` wraps one frozen base layer. Its `effective_weight()` is the spec (the dense W' of shape (out, in));
 `adapted(x)` is the fast path, and a contract test checks that both agree. Methods that are additive low rank also
 give `lora_form() -> (A, B, scale)` with `effective_weight() == W0 + scale * B @ A`.
 
-Adapting a model is one generic function (`adapt_`): plan which layers, build every adapter (anything that can fail
-fails here, before the model is touched), then swap them in. Adapter state is found by `isinstance`, never by
-parameter-name prefixes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,28 +19,20 @@ import torch
 from torch import Tensor, nn
 
 from .bases import BaseView, view_of
-from .targets import TargetSpec, check_pattern, pattern_value, select
 
 __all__ = [
     "Adapter",
     "AdapterConfig",
     "SavedModule",
-    "adapt_",
-    "adapter_state_dict",
-    "adapters",
     "available_methods",
+    "check_tensors",
     "config",
+    "config_class",
     "config_from_dict",
-    "disabled",
-    "load_adapter_state_dict",
-    "merge_",
     "register",
-    "trainable_parameters",
-    "unadapt_",
 ]
 
 _REGISTRY: dict[str, type[AdapterConfig]] = {}
-_FROZEN_ATTR = "_loraredux_frozen"  # on the model root: [(parameter, requires_grad before adapt_)]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -265,201 +253,6 @@ class SavedModule(nn.Module):
         return (self.module if self.enabled else self.original)(*args, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------- verbs
-
-
-def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
-    """(path, adapter) for every adapted layer of the model."""
-    for name, module in model.named_modules():
-        if isinstance(module, Adapter):
-            yield name, module
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
-    for name, module in model.named_modules():
-        if isinstance(module, SavedModule):
-            yield name, module
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, new)
-
-
-def _normalise_saved(model: nn.Module, modules_to_save: Sequence[str] | None) -> list[str]:
-    if not modules_to_save:
-        return []
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
-    paths = []
-    for want in modules_to_save:
-        found = [
-            n
-            for n, m in model.named_modules()
-            if (n == want or n.endswith("." + want))
-            and not isinstance(m, (Adapter, SavedModule))
-            and not any(n.startswith(p + ".") for p in paths)
-        ]
-        found = [n for n in found if not any(n.startswith(f + ".") for f in found if f != n)]
-        if not found:
-            raise ValueError(f"modules_to_save: no module named {want!r} in {type(model).__name__}")
-        paths += found
-    return paths
-
-
-def adapt_(
-    model: nn.Module,
-    config: AdapterConfig,
-    targets: TargetSpec,
-    *,
-    exclude: TargetSpec | None = None,
-    rank_pattern: Mapping[str, int] | None = None,
-    alpha_pattern: Mapping[str, float] | None = None,
-    modules_to_save: Sequence[str] | None = None,
-    prepare: Callable[[dict[str, Adapter], dict[str, SavedModule]], None] | None = None,
-) -> nn.Module:
-    """Adapt `model` in place: wrap each target layer in the method's adapter and freeze everything else.
-
-    Args:
-        model: any `nn.Module` (a transformers model or not).
-        config: a method config (`lx.config("lora", rank=8)`).
-        targets: `"all-linear"`, a regex (full match) or a list of module names (suffix match, as PEFT).
-        exclude: modules never to adapt, in the same forms.
-        rank_pattern: `{key: rank}`, a layer's own rank where a key matches its path (PEFT's rule).
-        alpha_pattern: `{key: alpha}`, likewise.
-        modules_to_save: modules trained in full beside the adapters (e.g. `["classifier"]`).
-        prepare: called with the built adapters and saved modules before they are swapped in (loading uses
-            it to fill in weights); an exception there leaves the model untouched.
-
-    Returns:
-        The same model, adapted.
-
-    Raises:
-        ValueError / TypeError: bad targets, patterns or config for a layer; the model is left unchanged.
-    """
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(
-            f"config must be an AdapterConfig (lx.config(...)), got {type(config).__name__}"
-        )
-    check_pattern("rank_pattern", rank_pattern)
-    check_pattern("alpha_pattern", alpha_pattern)
-    saved_paths = _normalise_saved(model, modules_to_save)
-    paths = select(model, targets, exclude, skip=saved_paths)
-    plan: dict[str, tuple[nn.Module, AdapterConfig]] = {}
-    for path in paths:
-        rank, alpha = pattern_value(path, rank_pattern), pattern_value(path, alpha_pattern)
-        try:
-            plan[path] = (model.get_submodule(path), config.for_layer(rank=rank, alpha=alpha))
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
-
-    # Build on the side: the model is not touched until everything has succeeded.
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        built = config.build_layers(plan)
-        saved = {p: SavedModule(model.get_submodule(p)) for p in saved_paths}
-        if prepare is not None:
-            prepare(built, saved)
-    except BaseException:
-        for p, flag in flags:  # building froze base layers: undo that
-            p.requires_grad_(flag)
-        raise
-
-    record = getattr(model, _FROZEN_ATTR, None)
-    if record is None:
-        record = []
-        object.__setattr__(model, _FROZEN_ATTR, record)
-    known = {id(p) for p, _ in record}
-    adapter_params = {id(p) for a in built.values() for p in a.parameters() if p.requires_grad}
-    adapter_params |= {id(p) for s in saved.values() for p in s.module.parameters()}
-    for p, flag in flags:
-        if id(p) not in known and id(p) not in adapter_params:
-            record.append((p, flag))
-    for path, adapter in built.items():
-        adapter.train(
-            adapter.base.training
-        )  # a model in eval mode stays in eval mode (dropout off)
-        _replace(model, path, adapter)
-    for path, module in saved.items():
-        _replace(model, path, module)
-    for p in model.parameters():
-        if id(p) not in adapter_params:
-            p.requires_grad_(False)
-    return model
-
-
-def _restore_flags(model: nn.Module) -> None:
-    for p, flag in getattr(model, _FROZEN_ATTR, []):
-        p.requires_grad_(flag)
-    if hasattr(model, _FROZEN_ATTR):
-        object.__delattr__(model, _FROZEN_ATTR)
-
-
-def merge_(model: nn.Module) -> nn.Module:
-    """Replace every adapter by a plain layer carrying its W', and every saved module by its trained copy.
-
-    The result is an ordinary model (no loraredux class left) that `save_pretrained` writes as usual.
-    """
-    layers = list(adapters(model))
-    saved = list(saved_modules(model))
-    if not layers and not saved:
-        raise ValueError(f"{type(model).__name__} has no adapter to merge")
-    _restore_flags(model)
-    for path, adapter in layers:
-        _replace(model, path, adapter.merged())
-    for path, module in saved:
-        _replace(model, path, module.module)
-    return model
-
-
-def unadapt_(model: nn.Module) -> nn.Module:
-    """Give back the original layers (and the original modules to save); adapter weights are dropped."""
-    layers = list(adapters(model))
-    saved = list(saved_modules(model))
-    if not layers and not saved:
-        raise ValueError(f"{type(model).__name__} has no adapter to remove")
-    for path, adapter in layers:
-        _replace(model, path, adapter.base)
-    for path, module in saved:
-        _replace(model, path, module.original)
-    _restore_flags(model)
-    return model
-
-
-@contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes as its base: adapters and saved modules are switched off."""
-    switched = [m for _, m in adapters(model)] + [m for _, m in saved_modules(model)]
-    before = [m.enabled for m in switched]
-    try:
-        for m in switched:
-            m.enabled = False
-        yield model
-    finally:
-        for m, flag in zip(switched, before, strict=True):
-            m.enabled = flag
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """`{name: parameter}` of every parameter that requires a gradient (after `adapt_`: the adapters')."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter state of the model, keyed as in `model.state_dict()`: adapter parameters and buffers (not
-    the frozen base), plus the trained copies of the modules to save."""
-    state: dict[str, Tensor] = {}
-    for path, adapter in adapters(model):
-        for key, value in adapter.state_dict().items():
-            if not key.startswith("base."):
-                state[f"{path}.{key}"] = value
-    for path, module in saved_modules(model):
-        for key, value in module.module.state_dict().items():
-            state[f"{path}.module.{key}"] = value
-    return state
-
-
 def check_tensors(tensors: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
     """`tensors` if its names and shapes are exactly those of `own`; else a ValueError naming the misfits."""
     missing = sorted(set(own) - set(tensors))
@@ -474,29 +267,3 @@ def check_tensors(tensors: dict[str, Tensor], own: dict[str, Tensor]) -> dict[st
     if wrong:
         raise ValueError(f"shape mismatch: {wrong}")
     return {k: tensors[k] for k in own}
-
-
-def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Load adapter state (as `adapter_state_dict` gives it); keys and shapes must match exactly.
-
-    Raises:
-        ValueError: missing or unexpected keys, or a shape mismatch (all are named); nothing is loaded then.
-    """
-    own = adapter_state_dict(model)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "adapter state does not fit the model: "
-            f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-            f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}, "
-            f"shape mismatches {wrong[:10]}"
-        )
-    with torch.no_grad():
-        for key, value in own.items():
-            value.copy_(state[key])

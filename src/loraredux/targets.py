@@ -19,6 +19,7 @@ from typing import TypeVar
 from torch import nn
 
 from .bases import is_adaptable, is_linear
+from .core import Adapter
 
 __all__ = ["TargetSpec", "check_pattern", "pattern_value", "select"]
 
@@ -83,8 +84,6 @@ def select(
         ValueError: nothing matches (the message lists the closest module names), or a target is already adapted.
         TypeError: a matched module has no adapter view.
     """
-    from .core import Adapter  # local: core imports this module
-
     adapter_paths = [n for n, m in model.named_modules() if isinstance(m, Adapter)]
     excluded = _matcher(exclude, "exclude") if exclude else (lambda name: False)
     skipped = set(skip)

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from ..core import Adapter, AdapterConfig, adapters, saved_modules
+from ..core import Adapter, AdapterConfig
 from ..targets import pattern_value
+from ..verbs import adapters, saved_modules
 
 __all__ = [
     "adapted_layers",

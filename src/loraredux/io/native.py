@@ -16,15 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import (
-    Adapter,
-    AdapterConfig,
-    SavedModule,
-    adapt_,
-    adapter_state_dict,
-    check_tensors,
-    config_from_dict,
-)
+from ..core import Adapter, AdapterConfig, SavedModule, check_tensors, config_from_dict
+from ..verbs import adapt_, adapter_state_dict
 from .layout import (
     adapted_layers,
     base_model_name,

@@ -21,16 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import (
-    Adapter,
-    AdapterConfig,
-    SavedModule,
-    adapt_,
-    available_methods,
-    check_tensors,
-    saved_modules,
-)
+from ..core import Adapter, AdapterConfig, SavedModule, available_methods, check_tensors
 from ..core import config_class as _config_class
+from ..verbs import adapt_, saved_modules
 from .layout import (
     adapted_layers,
     base_model_name,
