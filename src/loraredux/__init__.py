@@ -23,6 +23,7 @@ from .verbs import (
     disabled,
     load_adapter_state_dict,
     merge_,
+    penalty,
     trainable_parameters,
     unadapt_,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_state_dict",
     "merge_",
+    "penalty",
     "register",
     "save_adapter",
     "train",

@@ -66,6 +66,19 @@ class AdapterConfig:
         ):
             raise ValueError(f"{self.method}: alpha must be a finite number > 0, got {alpha!r}")
 
+    def check_shape(self, in_features: int, out_features: int) -> None:
+        """Refuse a layer shape this config cannot build, naming the constraint (called before anything changes).
+
+        Default: rank <= min(in, out). Methods with other constraints (a square size, factors that must divide
+        the shape) override it.
+
+        Raises:
+            ValueError: the constraint and the values that break it.
+        """
+        rank = getattr(self, "rank", None)
+        if rank is not None and rank > min(in_features, out_features):
+            raise ValueError(f"rank {rank} is above min(in, out) = {min(in_features, out_features)}")
+
     def parameter_count(self, in_features: int, out_features: int) -> int:
         """Trainable parameters of one (out, in) layer by the paper's formula (the contract suite checks it)."""
         raise NotImplementedError(f"{self.method} does not state its parameter count")
@@ -174,13 +187,13 @@ class Adapter(nn.Module):
                 f"{config.method} does not support a {type(base).__name__} base "
                 f"(it supports {', '.join(config.base_kinds)} layers)"
             )
-        rank = getattr(config, "rank", None)
-        limit = min(self.view.in_features, self.view.out_features)
-        if rank is not None and rank > limit:
+        try:
+            config.check_shape(self.view.in_features, self.view.out_features)
+        except ValueError as err:
             raise ValueError(
-                f"rank {rank} is above min(in, out) = {limit} for this {self.view.kind} layer "
-                f"(out={self.view.out_features}, in={self.view.in_features})"
-            )
+                f"{config.method} cannot adapt this {self.view.kind} layer "
+                f"(out={self.view.out_features}, in={self.view.in_features}): {err}"
+            ) from err
         self.base = base
         self.config = config
         self.enabled = True
@@ -212,6 +225,10 @@ class Adapter(nn.Module):
     def lora_form(self) -> tuple[Tensor, Tensor, float]:
         """(A (r, in), B (out, r), scale) with W' = W0 + scale * B @ A, for additive low-rank methods."""
         raise NotImplementedError(f"{type(self).__name__} is not an additive low-rank adapter")
+
+    def penalty(self) -> Tensor | None:
+        """The method's regulariser, added to the training loss (`lx.penalty`); None for most methods."""
+        return None
 
     def adapted(self, x: Tensor) -> Tensor:
         """The adapted layer's output. Default: the dense spec; methods override with a faster path."""

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
+from .verbs import penalty
 
 __all__ = ["TrainConfig", "TrainResult", "epoch_batches", "fit", "lr_factor"]
 
@@ -216,9 +217,13 @@ def fit(
 ) -> TrainResult:
     """Train the parameters of `model` that require a gradient; see the module docstring for the loop.
 
-    After each optimizer step `step` (1-based), `module.on_optimizer_step(step)` is called on every module of the
-    model that defines it (AdaLoRA's rank allocator, ReLoRA's restarts); their state belongs in buffers, which the
-    checkpoint holds for adapters. Evaluation and checkpoints follow each step at the cadence of the config.
+    The adapters' regularisers (`lx.penalty(model)`, e.g. AdaLoRA's orthogonality term) are added to each
+    micro-batch's loss before backward; `TrainResult.losses` records the task loss alone. Methods that act around
+    the optimizer step are called on every module of the model that defines the hook (each module once, shared
+    ones too): `module.before_optimizer_step(step)` after clipping and before `optimizer.step()` (PoLAR's landing
+    field), and `module.on_optimizer_step(step)` after it, while the gradients are still there (AdaLoRA's rank
+    allocator). Their state belongs in buffers, which the checkpoint holds for adapters. Evaluation and
+    checkpoints follow each step at the cadence of the config.
 
     Args:
         model: the model (left in the train/eval mode it came in).
@@ -265,6 +270,7 @@ def fit(
                 f"the optimizer factory returned a {type(opt).__name__}, not an Optimizer"
             )
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, config=config))
+    before = [m for m in model.modules() if callable(getattr(m, "before_optimizer_step", None))]
     hooks = [m for m in model.modules() if callable(getattr(m, "on_optimizer_step", None))]
     if resume:
         history = checkpoint.load(
@@ -289,7 +295,8 @@ def fit(
                 loss = loss_fn(model, get_batch((step - 1) * k + j))
                 if loss.ndim != 0:
                     raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-                (loss / k).backward()
+                extra = penalty(model)
+                ((loss if extra is None else loss + extra) / k).backward()
                 low = loss.dtype in (torch.float16, torch.bfloat16)
                 total = total + (
                     loss.detach().float() if low else loss.detach()
@@ -302,6 +309,8 @@ def fit(
             if config.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 result.grad_norms.append(float(norm))
+            for module in before:
+                module.before_optimizer_step(step)
             lr = opt.param_groups[0]["lr"]
             opt.step()
             scheduler.step()

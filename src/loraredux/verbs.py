@@ -23,6 +23,7 @@ __all__ = [
     "disabled",
     "load_adapter_state_dict",
     "merge_",
+    "penalty",
     "saved_modules",
     "trainable_parameters",
     "unadapt_",
@@ -207,6 +208,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """`{name: parameter}` of every parameter that requires a gradient (after `adapt_`: the adapters')."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def penalty(model: nn.Module) -> Tensor | None:
+    """The sum of the adapters' regularisers (e.g. AdaLoRA's orthogonality), to add to the training loss.
+
+    `lx.train.fit` adds it by itself; a hand-written loop adds it to its loss. None when no adapter has one.
+    """
+    terms = [t for _, a in adapters(model) if (t := a.penalty()) is not None]
+    return torch.stack(terms).sum() if terms else None
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
