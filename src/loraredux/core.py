@@ -77,7 +77,9 @@ class AdapterConfig:
         """
         rank = getattr(self, "rank", None)
         if rank is not None and rank > min(in_features, out_features):
-            raise ValueError(f"rank {rank} is above min(in, out) = {min(in_features, out_features)}")
+            raise ValueError(
+                f"rank {rank} is above min(in, out) = {min(in_features, out_features)}"
+            )
 
     def parameter_count(self, in_features: int, out_features: int) -> int:
         """Trainable parameters of one (out, in) layer by the paper's formula (the contract suite checks it)."""
