@@ -324,6 +324,61 @@ def test_on_optimizer_step_hook_gets_each_step():
     assert model.counter.steps == [1, 2, 3, 4, 5]
 
 
+def test_before_optimizer_step_sees_clipped_gradients_before_the_update_once_per_module():
+    class Probe(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            object.__setattr__(self, "model", model)  # a plain reference, not a submodule
+            self.calls: list[tuple[int, float, bool]] = []
+            self.last: dict[str, torch.Tensor] = {}
+
+        def before_optimizer_step(self, step: int) -> None:
+            params = lx.trainable_parameters(self.model)
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params.values()]))
+            unchanged = all(torch.equal(p, self.last.get(n, p)) for n, p in params.items())
+            self.calls.append((step, float(norm), unchanged))
+
+        def on_optimizer_step(self, step: int) -> None:
+            self.last = trainable(self.model)
+
+    model = make(dropout=0.0)
+    probe = Probe(model)
+    model.first, model.second = probe, probe  # one module at two paths: called once per step
+    config = TrainConfig(steps=4, lr=1e-2, max_grad_norm=1e-3)
+    fit(model, BATCHES, mse, config, progress=False)
+    assert [c[0] for c in probe.calls] == [1, 2, 3, 4]
+    assert all(norm <= 1e-3 * (1 + 1e-9) for _, norm, _ in probe.calls)  # after clipping
+    assert all(unchanged for _, _, unchanged in probe.calls)  # before the optimizer moved anything
+
+
+def test_the_adapters_penalty_is_added_to_the_loss_but_not_to_the_recorded_loss():
+    class PenalisedLoRA(lx.LoRA):  # not registered: built by hand
+        def penalty(self) -> torch.Tensor:
+            return 0.5 * self.A.square().sum()
+
+    def build(penalised: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = Tiny().double()
+        cls = PenalisedLoRA if penalised else lx.LoRA
+        model.up = cls(model.up, lx.config("lora", rank=2))
+        model.down.requires_grad_(False)
+        return model
+
+    batch = collate(list(range(8)))
+    plain, penalised = build(False), build(True)
+    expected = 0.5 * penalised.up.A.detach().square().sum()
+    torch.testing.assert_close(lx.penalty(penalised).detach(), expected, rtol=1e-12, atol=0)
+    assert lx.penalty(plain) is None
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    config = TrainConfig(steps=1, lr=0.1, schedule="constant")
+    A0 = penalised.up.A.detach().clone()
+    r_plain = fit(plain, [batch], mse, config, optimizer=sgd, progress=False)
+    r_pen = fit(penalised, [batch], mse, config, optimizer=sgd, progress=False)
+    assert r_plain.losses == r_pen.losses  # the task loss alone is recorded
+    # SGD on loss + 0.5 ||A||^2 moves A by an extra -lr * A compared with the plain run.
+    torch.testing.assert_close(penalised.up.A, plain.up.A - 0.1 * A0, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "fields",
     [
