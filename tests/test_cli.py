@@ -35,6 +35,18 @@ def test_bad_options_are_refused_by_the_parser(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--method", "nosuch"], "unknown method 'nosuch'"),
+        (["train", "--method", "lora", "--dropout", "1.5"], "dropout must be in [0, 1)"),
+    ],
+)
+def test_bad_method_choices_fail_before_loading_anything(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_methods_lists_lora(capsys):
     assert main(["methods"]) == 0
     assert "lora" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -70,7 +71,12 @@ def _add_train(sub: Any) -> None:
         help="rotten_tomatoes (classification), kjv or chat (language "
         "modelling); default: rotten_tomatoes for minilm, kjv for smollm2",
     )
-    p.add_argument("--method", default="lora", help="adapter method (see `loraredux methods`)")
+    p.add_argument(
+        "--method",
+        default="lora",
+        help="adapter method (see `loraredux methods`); --rank, --alpha, --dropout and --rslora apply "
+        "where the method has that field",
+    )
     p.add_argument(
         "--targets",
         type=_targets,
@@ -81,11 +87,16 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--exclude", type=_targets, default=None, help="modules never to adapt, same forms"
     )
-    p.add_argument("--rank", type=_positive_int, default=8, help="adapter rank r")
+    p.add_argument("--rank", type=_positive_int, default=None, help="adapter rank r (default 8)")
     p.add_argument(
-        "--alpha", type=_positive_float, default=16.0, help="scale numerator: s = alpha / r"
+        "--alpha",
+        type=_positive_float,
+        default=None,
+        help="scale numerator: s = alpha / r (default 16)",
     )
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
+    p.add_argument(
+        "--dropout", type=float, default=None, help="dropout on the adapter input (default 0)"
+    )
     p.add_argument("--rslora", action="store_true", help="use s = alpha / sqrt(r)")
     p.add_argument(
         "--steps",
@@ -195,6 +206,26 @@ def _load_folder(path: str, kind: str) -> tuple[Any, Any]:
     return cls.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
 
 
+def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The method's fields from --rank/--alpha/--dropout/--rslora; a flag the method lacks is an error."""
+    from loraredux.core import config_class
+
+    cls = config_class(args.method)
+    known = {f.name for f in dataclasses.fields(cls)}
+    given = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
+    given["rslora"] = True if args.rslora else None
+    lacking = [f"--{k}" for k, v in given.items() if v is not None and k not in known]
+    if lacking:
+        raise UsageError(
+            f"{args.method} has no field for {', '.join(lacking)}; its fields are {sorted(known)}"
+        )
+    fields = {k: v for k, v in given.items() if v is not None}
+    for key, default in (("rank", 8), ("alpha", 16.0)):
+        if key in known:
+            fields.setdefault(key, default)
+    return fields
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -204,10 +235,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
-    method_fields: dict[str, Any] = {"rank": args.rank, "alpha": args.alpha}
-    if args.method == "lora":
-        method_fields |= {"dropout": args.dropout, "rslora": args.rslora}
-    cfg = lx.config(args.method, **method_fields)  # a bad value fails before any loading
+    cfg = lx.config(args.method, **_method_fields(args))  # a bad value fails before any loading
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, task, data = _build_task(args)
@@ -225,13 +253,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     n_train = sum(p.numel() for p in lx.trainable_parameters(model).values())
     n_total = sum(p.numel() for p in model.parameters())
     print(
-        f"{args.method} r={args.rank} on {len(list(lx.adapters(model)))} layers: "
+        f"{args.method} r={getattr(cfg, 'rank', '-')} on {len(list(lx.adapters(model)))} layers: "
         f"{n_train:,} trainable of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)"
     )
 
     batch_size = args.batch_size or (32 if task.kind == "classification" else 8)
     steps = args.steps or math.ceil(task.train_size / batch_size)
     lr = args.lr or (4e-3 if task.kind == "classification" else 5e-4)
+    if getattr(cfg, "total_step", False) is None:  # a rank schedule over the run (AdaLoRA)
+        cfg = dataclasses.replace(cfg, total_step=steps)
     train_cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), seed=args.seed)
     model.train()
     result = fit(model, task.batches, task.loss_fn, train_cfg, progress=not args.no_progress)
@@ -374,8 +404,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import loraredux as lx
     from loraredux.core import config_class
 
