@@ -36,7 +36,9 @@ class Tiny(nn.Module):
 
 
 # Fields for methods whose defaults do not fit the tiny model at rank 2 (one line per method).
-OVERRIDES: dict[str, dict] = {}
+OVERRIDES: dict[str, dict] = {
+    "adalora": {"init_r": 2, "target_r": 1},  # default init_r = 12 exceeds the tiny layers
+}
 
 
 def small_config(method: str) -> lx.AdapterConfig:

@@ -242,6 +242,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     targets = args.targets or task.default_targets
     if isinstance(targets, str) and targets.startswith("re:"):
         targets = targets[3:]
+    batch_size = args.batch_size or (32 if task.kind == "classification" else 8)
+    steps = args.steps or math.ceil(task.train_size / batch_size)
+    lr = args.lr or (4e-3 if task.kind == "classification" else 5e-4)
+    if getattr(cfg, "total_step", False) is None:  # a rank schedule over the run (AdaLoRA)
+        cfg = dataclasses.replace(cfg, total_step=steps)
     lx.adapt_(
         model, cfg, targets=targets, exclude=args.exclude, modules_to_save=task.modules_to_save
     )
@@ -257,11 +262,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{n_train:,} trainable of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)"
     )
 
-    batch_size = args.batch_size or (32 if task.kind == "classification" else 8)
-    steps = args.steps or math.ceil(task.train_size / batch_size)
-    lr = args.lr or (4e-3 if task.kind == "classification" else 5e-4)
-    if getattr(cfg, "total_step", False) is None:  # a rank schedule over the run (AdaLoRA)
-        cfg = dataclasses.replace(cfg, total_step=steps)
     train_cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), seed=args.seed)
     model.train()
     result = fit(model, task.batches, task.loss_fn, train_cfg, progress=not args.no_progress)

@@ -136,7 +136,7 @@ def test_unknown_peft_type(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("use_dora", True),
+        ("use_qalora", True),
         ("use_bdlora", {"target_modules_bd_a": ["q_proj"]}),
         ("kasa_config", {"beta": 1e-4}),
         ("lora_bias", True),
@@ -148,6 +148,13 @@ def test_peft_fields_we_do_not_read(tmp_path: Path, field: str, value: Any) -> N
     saved_adapter(tmp_path)
     edit_config(tmp_path, **{field: value})
     refused(tmp_path, ValueError, field)
+
+
+def test_a_lora_file_marked_dora_lacks_the_magnitudes(tmp_path: Path) -> None:
+    """use_dora makes the file a DoRA adapter, whose per-layer magnitude tensors this LoRA file does not have."""
+    saved_adapter(tmp_path)
+    edit_config(tmp_path, use_dora=True)
+    refused(tmp_path, ValueError, "lora_magnitude_vector")
 
 
 def test_native_version_and_method(tmp_path: Path) -> None:

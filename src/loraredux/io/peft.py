@@ -8,7 +8,14 @@ own state dict under its path (`base_model.model.classifier.weight`), without PE
 
 This file knows PEFT's generic conventions only. What a method's fields and tensors are called in PEFT lives in
 the method's own file: `Config.peft_type`, `config.peft_fields()`, `Config.from_peft_fields(fields)`,
-`adapter.peft_tensors()` and `adapter.load_peft_tensors(tensors)`.
+`adapter.peft_tensors()` and `adapter.load_peft_tensors(tensors)`, and optionally `Config.peft_base_kinds` (the
+layer kinds PEFT's version of the method adapts, when fewer than the method's `base_kinds`).
+
+A method whose PEFT config keeps per-layer entries of its own meaning (AdaLoRA's `rank_pattern` holds triplet masks,
+not ranks) names those keys in `Config.peft_layer_keys`: io then leaves them out of the generic rank / alpha
+patterns, writes each adapter's `adapter.peft_layer_fields()` (`{key: {name: value}}`) as `"<layer path>.<name>"`
+entries (None when no layer has one), and on load hands each adapter its entries through
+`adapter.load_peft_layer_fields({key: {name: value}})` before `adapter.load_peft_tensors(tensors)`.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ def _supported(adapter: Adapter) -> bool:
     cls = type(adapter.config)
     return (
         getattr(cls, "peft_type", None) is not None
+        and adapter.view.kind in getattr(cls, "peft_base_kinds", cls.base_kinds)
         and callable(getattr(adapter, "peft_tensors", None))
         and callable(getattr(adapter.config, "peft_fields", None))
     )
@@ -133,9 +141,11 @@ def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
             or modules to save that PEFT could not select exactly.
     """
     layers = adapted_layers(model)
-    missing = sorted({a.config.method for a in layers.values() if not _supported(a)})
+    missing = sorted(
+        {f"{a.config.method} on {a.view.kind} layers" for a in layers.values() if not _supported(a)}
+    )
     if missing:
-        raise ValueError(f"method(s) {missing} have no PEFT form; save with format='native'")
+        raise ValueError(f"{missing} have no PEFT form; save with format='native'")
     configs = {path: a.config for path, a in layers.items()}
     shared = shared_config(configs)
     rank_pattern, alpha_pattern = split_patterns(shared, configs)
@@ -150,10 +160,15 @@ def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
         "target_modules": _target_modules(names, list(layers)),
         "exclude_modules": None,
         "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
         "modules_to_save": saved or None,
-        "fan_in_fan_out": any(a.view.kind == "conv1d" for a in layers.values()),
     }
+    if hasattr(shared, "alpha"):
+        # Only where it applies: PEFT configs without an alpha (HiRA's) have no such field and warn on it.
+        config["alpha_pattern"] = alpha_pattern
+    if any(a.view.kind == "conv1d" for a in layers.values()):
+        # Only where it applies: some PEFT configs (LyCORIS ones) have no such field and warn on it.
+        config["fan_in_fan_out"] = True
+    config.update(_layer_fields(shared, layers, config))
     tensors = {
         f"{PREFIX}{path}.{name}": tensor
         for path, adapter in layers.items()
@@ -162,6 +177,26 @@ def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
     for path, module in saved_modules(model):
         tensors.update({f"{PREFIX}{path}.{k}": v for k, v in module.module.state_dict().items()})
     return config, tensors
+
+
+def _layer_fields(
+    shared: AdapterConfig, layers: dict[str, Adapter], generic: dict[str, Any]
+) -> dict[str, Any]:
+    """The config keys the method fills per layer (`Config.peft_layer_keys`), keyed `"<layer path>.<name>"`."""
+    keys = tuple(getattr(type(shared), "peft_layer_keys", ()))
+    entries: dict[str, dict[str, Any]] = {key: {} for key in keys}
+    for key in keys:
+        if generic.get(key):
+            raise ValueError(
+                f"{key} is {shared.method}'s own per-layer field, but layers also differ in it generically: "
+                f"{generic[key]}"
+            )
+    for path, adapter in layers.items() if keys else ():
+        for key, values in adapter.peft_layer_fields().items():
+            if key not in entries:
+                raise ValueError(f"{shared.method} layer {path!r} gives {key!r}, not in {keys}")
+            entries[key].update({f"{path}.{name}": v for name, v in values.items()})
+    return {key: value or None for key, value in entries.items()}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -222,8 +257,29 @@ def _group(tensors: dict[str, Tensor], owners: list[str]) -> dict[str, dict[str,
     return groups
 
 
+def _split_layer_fields(
+    fields: dict[str, Any], keys: tuple[str, ...], paths: list[str]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{layer path: {key: {name: value}}} from the `"<layer path>.<name>"` entries of the method's own keys."""
+    by_length = sorted(paths, key=len, reverse=True)
+    split: dict[str, dict[str, dict[str, Any]]] = {p: {key: {} for key in keys} for p in paths}
+    for key in keys:
+        entries = fields.get(key) or {}
+        if not isinstance(entries, dict):
+            raise ValueError(f"PEFT adapter's {key} must be a dict, got {entries!r}")
+        for full, value in entries.items():
+            owner = next((p for p in by_length if str(full).startswith(p + ".")), None)
+            if owner is None:
+                raise ValueError(f"PEFT adapter's {key} entry {full!r} names no adapted layer")
+            split[owner][key][full[len(owner) + 1 :]] = value
+    return split
+
+
 def _fill(
-    tensors: dict[str, Tensor], built: dict[str, Adapter], saved: dict[str, SavedModule]
+    tensors: dict[str, Tensor],
+    built: dict[str, Adapter],
+    saved: dict[str, SavedModule],
+    layer_fields: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> None:
     """Load the file's tensors into the adapters before they are swapped in; every check comes first."""
     groups = _group(tensors, [*built, *saved])
@@ -234,6 +290,8 @@ def _fill(
             k[len(_BASE_LAYER) :]: v for k, v in groups[path].items() if k.startswith(_BASE_LAYER)
         }
         try:
+            if layer_fields is not None:  # the method's own per-layer config entries come first
+                adapter.load_peft_layer_fields(layer_fields[path])
             adapter.load_peft_tensors(own)
             state = adapter.base.state_dict()
             check_tensors(base, {k: state[k] for k in base if k in state})
@@ -274,14 +332,20 @@ def load(model: nn.Module, fields: dict[str, Any], tensors: dict[str, Tensor]) -
     """
     method_config = _method_config(fields)
     _check_generic_fields(fields)
+    own_keys = tuple(getattr(type(method_config), "peft_layer_keys", ()))
     saved = _peft_saved_selection(_original_names(model), fields.get("modules_to_save") or [])
     return adapt_(
         model,
         method_config,
         fields["target_modules"],
         exclude=fields.get("exclude_modules") or None,
-        rank_pattern=fields.get("rank_pattern") or None,
-        alpha_pattern=fields.get("alpha_pattern") or None,
+        rank_pattern=None if "rank_pattern" in own_keys else fields.get("rank_pattern") or None,
+        alpha_pattern=None if "alpha_pattern" in own_keys else fields.get("alpha_pattern") or None,
         modules_to_save=saved,
-        prepare=lambda built, saved_modules: _fill(tensors, built, saved_modules),
+        prepare=lambda built, saved_modules: _fill(
+            tensors,
+            built,
+            saved_modules,
+            _split_layer_fields(fields, own_keys, list(built)) if own_keys else None,
+        ),
     )

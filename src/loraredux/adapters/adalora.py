@@ -1,0 +1,489 @@
+"""AdaLoRA: an SVD-form update whose triplets are pruned by importance, so the rank budget moves between layers.
+
+    W' = W0 + s * P Λ Q,   P = B: (out, r),  Λ = diag(E), E: (r, 1),  Q = A: (r, in),  s = alpha / (r + 1e-5)
+
+    R(P, Q) = ||P^T P - I||_F + ||Q Q^T - I||_F                     (orthogonality, added to the loss)
+    I(w) = |w * dL/dw|                                               (sensitivity of every entry of A, E, B)
+    Ī_t = β1 Ī_{t-1} + (1 - β1) I_t,   Ū_t = β2 Ū_{t-1} + (1 - β2) |I_t - Ī_t|,   s(w) = Ī_t * Ū_t
+    S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)                   (score of triplet i)
+    b(t) = b0 for t <= t_init;  b_T + (b0 - b_T) (1 - (t - t_init) / (T - t_init - t_final))^3 after;  b_T at the end
+
+and every ΔT steps the λ_i whose score is not above the (b0 - b(t))-th smallest score over all layers are set to 0.
+
+Zhang, Chen, Bukharin, He, Cheng, Chen, Zhao, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning"
+(AdaLoRA), ICLR 2023, arXiv 2303.10512: SVD form and R (Sec. 3.1), sensitivity, its smoothing and the triplet score
+(Sec. 3.2), the cubic budget schedule (Sec. 3.3, Algorithm 1). The search tool found secondary accounts of the paper
+(the PΛQ form and the penalty on P, Q: jishuzhan.net/article/1719560351663525889) but not its body text, so every
+formula and detail (EMA order, the product Ī * Ū, the means over P's column and Q's row, kthvalue with `<=`, the three
+phases of `update_and_allocate`, the scale s = alpha / (ranknum + 1e-5) with ranknum = r, init E = 0 and A, B ~
+N(0, 0.02^2)) was confirmed in the authors' code (QingruZhang/AdaLoRA, loralib/adalora.py, read with the search
+tool) and in PEFT 0.21.2 (peft/tuners/adalora/{config,layer,model}.py); the allocator is numerically identical to
+PEFT's RankAllocator (tests/adapters/test_adalora.py). The paper writes R with squared norms; both codes, and this
+file, use the plain Frobenius norms, averaged over all A and B matrices of the model and weighted by
+`orth_reg_weight`, so each layer's `penalty()` is w * R / (2 * number of layers).
+
+Names and defaults as PEFT's AdaLoraConfig: init_r = 12, target_r = 8 (average rank at the end), lora_alpha = 8,
+tinit = tfinal = 0, deltaT = 1, β1 = β2 = 0.85, orth_reg_weight = 0.5, total_step required to train.
+
+The rank allocator is an object stepped for you: `AdaLoRAConfig.build_layers` gives all layers of one `adapt_` call
+one `RankAllocator` (a submodule of each layer, so it appears once in `model.modules()`), and `lx.train.fit` calls its
+`on_optimizer_step(step)` after every optimizer step. A hand-written loop calls `allocator(model).update_and_allocate
+(step)` after `optimizer.step()` and before `zero_grad()`. Its state lives in the layers' persistent buffers (the
+EMAs and the triplet mask), so checkpoints and native files hold it and a resumed run is exact. Pruned triplets stay
+in the tensors (λ = 0); the PEFT file drops them and records PEFT's `rank_pattern` of masks, as PEFT does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Adapter, AdapterConfig, check_tensors, register
+
+__all__ = ["AdaLoRA", "AdaLoRAConfig", "RankAllocator", "allocator"]
+
+_FACTORS = ("A", "E", "B")
+_PEFT_NAMES = {"A": "lora_A", "E": "lora_E", "B": "lora_B"}
+
+
+class AdaLoRA(Adapter):
+    """y = base(x) + s * ((dropout(x) A^T) * E^T) B^T: the SVD-form update, with λ = E of shape (r, 1).
+
+    Buffers (persistent, the allocator's state): `exp_avg_ipt_{A,E,B}` and `exp_avg_unc_{A,E,B}` (the EMAs Ī and Ū,
+    shaped like the factor) and `mask` (r,) bool, the triplets the allocator keeps.
+    """
+
+    def __init__(self, base: nn.Module, config: AdaLoRAConfig) -> None:
+        super().__init__(base, config)
+        W0 = self.base_weight()
+        r, like = config.init_r, {"dtype": W0.dtype, "device": W0.device}
+        self.A = nn.Parameter(torch.empty(r, self.in_features, **like))  # Q: right singular vectors
+        self.E = nn.Parameter(torch.empty(r, 1, **like))  # Λ: singular values
+        self.B = nn.Parameter(torch.empty(self.out_features, r, **like))  # P: left singular vectors
+        self.ranknum = float(r)  # PEFT's name; the scale keeps using the initial rank after pruning
+        self.scale = config.scale
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        for name in _FACTORS:
+            p = getattr(self, name)
+            self.register_buffer(f"exp_avg_ipt_{name}", torch.zeros_like(p, requires_grad=False))
+            self.register_buffer(f"exp_avg_unc_{name}", torch.zeros_like(p, requires_grad=False))
+        self.register_buffer("mask", torch.ones(r, dtype=torch.bool, device=W0.device))
+        # A layer built on its own is its own group; `AdaLoRAConfig.build_layers` replaces this by a shared one.
+        self.allocator = RankAllocator(config, {"": self})
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's and the authors' initialisation: E = 0 (so W' = W0), A and B ~ N(0, 0.02^2)."""
+        nn.init.zeros_(self.E)
+        nn.init.normal_(self.A, mean=0.0, std=0.02)
+        nn.init.normal_(self.B, mean=0.0, std=0.02)
+
+    @property
+    def rank(self) -> int:
+        """Triplets the allocator keeps (the layer's current rank budget)."""
+        return int(self.mask.sum())
+
+    def effective_weight(self) -> Tensor:
+        return self.base_weight() + self.scale * (self.B @ (self.A * self.E))  # (out, in)
+
+    def lora_form(self) -> tuple[Tensor, Tensor, float]:
+        return self.A * self.E, self.B, self.scale  # Λ folded into A: (r, in), (out, r)
+
+    def adapted(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(math.prod(lead), x.shape[-1])  # (tokens, in)
+        y = self.base(x)  # (tokens, out)
+        h = x if self.dropout is None else self.dropout(x)
+        # Scale by λ on the (tokens, r) projection: cheaper than forming A * E (r, in) per call.
+        z = self.view.project(h, self.A) * self.E.T  # (tokens, r)
+        if y.dtype == z.dtype == self.B.dtype:
+            y.addmm_(z, self.B.T, alpha=self.scale)  # in place: the base's backward does not need y
+        else:  # autocast, or a base computing in another dtype
+            y = torch.addmm(y, z, self.B.T, alpha=self.scale)
+        return y.reshape(*lead, y.shape[-1])
+
+    def penalty(self) -> Tensor | None:
+        """w * (||A A^T - I||_F + ||B^T B - I||_F) / (2 n), n = layers sharing the allocator (PEFT's average)."""
+        weight = self.config.orth_reg_weight
+        if weight == 0:
+            return None
+        eye = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
+        reg = torch.linalg.matrix_norm(self.A @ self.A.T - eye) + torch.linalg.matrix_norm(
+            self.B.T @ self.B - eye
+        )
+        return weight * reg / (2 * len(self.allocator.layers))
+
+    # -- the allocator's per-layer maths ---------------------------------------------------------------
+    @torch.no_grad()
+    def update_importance(self, beta1: float, beta2: float) -> None:
+        """One EMA step of Ī and Ū for every entry of A, E, B, from the current values and gradients."""
+        for name in _FACTORS:
+            p = getattr(self, name)
+            ipt = (p * p.grad).abs()  # I(w) = |w * dL/dw|
+            avg = getattr(self, f"exp_avg_ipt_{name}")
+            avg.copy_(beta1 * avg + (1 - beta1) * ipt)
+            unc = getattr(self, f"exp_avg_unc_{name}")
+            unc.copy_(beta2 * unc + (1 - beta2) * (ipt - avg).abs())
+
+    @torch.no_grad()
+    def reset_importance(self) -> None:
+        for name in _FACTORS:
+            getattr(self, f"exp_avg_ipt_{name}").zero_()
+            getattr(self, f"exp_avg_unc_{name}").zero_()
+
+    @torch.no_grad()
+    def triplet_scores(self) -> Tensor:
+        """S_i = s(λ_i) + mean_j s(B_ji) + mean_j s(A_ij) with s = Ī * Ū: shape (r,)."""
+        s = {
+            n: getattr(self, f"exp_avg_ipt_{n}") * getattr(self, f"exp_avg_unc_{n}")
+            for n in _FACTORS
+        }
+        s_A = torch.mean(s["A"], dim=1, keepdim=True)  # (r, 1): row i of Q
+        s_B = torch.mean(s["B"], dim=0).view(-1, 1)  # (r, 1): column i of P
+        return s["E"].view(-1) + (s_A + s_B).view(-1)
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """λ_i = 0 for every triplet the mask drops."""
+        self.E.masked_fill_(~self.mask.view(-1, 1), 0.0)
+
+    # -- PEFT format ----------------------------------------------------------------------------------
+    def _kept(self) -> Tensor:
+        """Triplets the file holds: the kept ones, and any dropped one whose λ training brought back (nonzero)."""
+        return self.mask | (self.E.detach().view(-1) != 0)
+
+    def peft_tensors(self) -> dict[str, Tensor]:
+        keep = self._kept()
+        if bool(keep.all()):
+            return {_PEFT_NAMES[n]: getattr(self, n) for n in _FACTORS}
+        return {"lora_A": self.A[keep], "lora_E": self.E[keep], "lora_B": self.B[:, keep]}
+
+    def peft_layer_fields(self) -> dict[str, dict[str, Any]]:
+        """This layer's entries of PEFT's `rank_pattern` (a mask over the triplets), none when all are kept."""
+        keep = self._kept()
+        return {} if bool(keep.all()) else {"rank_pattern": {"lora_E": keep.tolist()}}
+
+    @torch.no_grad()
+    def load_peft_layer_fields(self, fields: dict[str, dict[str, Any]]) -> None:
+        """Take the mask from PEFT's `rank_pattern` entry (all kept without one); `load_peft_tensors` follows."""
+        entries = dict(fields.get("rank_pattern") or {})
+        # "lora_E", or "lora_E.<adapter name>" as PEFT keeps it in memory
+        names = [n for n in entries if n.split(".", 1)[0] == "lora_E"]
+        unknown = sorted(set(entries) - set(names))
+        if unknown or len(names) > 1:
+            raise ValueError(f"rank_pattern entries {sorted(entries)}: expected one for lora_E")
+        if not names:
+            self.mask.fill_(True)
+            return
+        mask = entries[names[0]]
+        r = self.config.init_r
+        if (
+            not isinstance(mask, list)
+            or len(mask) != r
+            or not all(isinstance(m, bool) for m in mask)
+        ):
+            raise ValueError(
+                f"rank_pattern for lora_E must be a list of {r} booleans (init_r), got {mask!r}"
+            )
+        self.mask.copy_(torch.tensor(mask, dtype=torch.bool))
+
+    @torch.no_grad()
+    def load_peft_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Load PEFT's (possibly pruned) tensors into the kept triplets; dropped ones become all zero."""
+        keep = self.mask
+        shapes = {"lora_A": self.A[keep], "lora_E": self.E[keep], "lora_B": self.B[:, keep]}
+        values = check_tensors(tensors, shapes)
+        for name in _FACTORS:
+            getattr(self, name).zero_()
+        self.A[keep] = values["lora_A"].to(self.A.dtype)
+        self.E[keep] = values["lora_E"].to(self.E.dtype)
+        self.B[:, keep] = values["lora_B"].to(self.B.dtype)
+
+
+class RankAllocator(nn.Module):
+    """The budget schedule and the pruning of one group of AdaLoRA layers (PEFT's RankAllocator).
+
+    An `nn.Module` with no parameters or buffers of its own, set on every layer of the group, so `model.modules()`
+    yields it once and `lx.train.fit` calls `on_optimizer_step(step)` after each optimizer step. The layers are held
+    in a plain list (not submodules); their buffers hold the state.
+    """
+
+    def __init__(self, config: AdaLoRAConfig, layers: Mapping[str, AdaLoRA]) -> None:
+        super().__init__()
+        self.config = config
+        self.names = list(layers)  # plain lists: the layers are not submodules of the allocator
+        self.layers = list(layers.values())
+        self.init_bgt = sum(layer.config.init_r for layer in self.layers)  # b0: all triplets
+        self.target_bgt = config.target_r * len(self.layers)  # b_T
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layers)}, budget {self.init_bgt} -> {self.target_bgt}"
+
+    def ranks(self) -> dict[str, int]:
+        """{layer path: triplets kept}."""
+        return {name: layer.rank for name, layer in zip(self.names, self.layers, strict=True)}
+
+    def _total_step(self) -> int:
+        if self.config.total_step is None:
+            raise ValueError(
+                "adalora: total_step is None, but the rank budget schedule runs over the number of training "
+                "steps: set it in the config, e.g. lx.config('adalora', ..., total_step=TrainConfig.steps)"
+            )
+        return self.config.total_step
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        """(total budget b(step), whether to mask at this step): warmup, cubic decrease, final phase."""
+        c, total = self.config, self._total_step()
+        if step <= c.tinit:
+            return self.init_bgt, False
+        if step > total - c.tfinal:
+            return self.target_bgt, True
+        mul_coeff = 1 - (step - c.tinit) / (total - c.tfinal - c.tinit)
+        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff**3) + self.target_bgt)
+        return budget, step % c.deltaT == 0
+
+    def on_optimizer_step(self, step: int) -> None:
+        """`lx.train.fit`'s hook, after `optimizer.step()` while the gradients are still there."""
+        self.update_and_allocate(step)
+
+    @torch.no_grad()
+    def update_and_allocate(self, step: int) -> None:
+        """Update the importance EMAs and prune to the budget of `step` (1-based optimizer steps done).
+
+        Call after `optimizer.step()` and before `zero_grad()`. Before T - t_final: update Ī, Ū and mask every
+        ΔT steps; at T - t_final: mask to b_T and reset the EMAs; after it: keep the final mask (λ = 0 again).
+
+        Raises:
+            ValueError: total_step is None, or a layer's parameter has no gradient.
+        """
+        end = self._total_step() - self.config.tfinal
+        if self.target_bgt > self.init_bgt:
+            raise ValueError(
+                f"adalora: target_r={self.config.target_r} exceeds init_r={self.config.init_r}: the budget "
+                "can only shrink (set target_r <= init_r)"
+            )
+        if step < end:
+            missing = [
+                f"{path}.{n}"
+                for path, layer in zip(self.names, self.layers, strict=True)
+                for n in _FACTORS
+                if getattr(layer, n).grad is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"adalora: no gradient for {missing}; step the allocator after backward() and "
+                    "optimizer.step(), before zero_grad()"
+                )
+            for layer in self.layers:
+                layer.update_importance(self.config.beta1, self.config.beta2)
+            budget, mask_now = self.budget_schedule(step)
+            if mask_now:
+                self._mask_to_budget(budget)
+        elif step == end:  # PEFT's force_mask: fix the final pattern, forget the scores
+            self._mask_to_budget(self.budget_schedule(step)[0])
+            for layer in self.layers:
+                layer.reset_importance()
+        else:
+            for layer in self.layers:
+                layer.apply_mask()
+
+    def _mask_to_budget(self, budget: int) -> None:
+        scores = [layer.triplet_scores() for layer in self.layers]
+        k = self.init_bgt - budget
+        if k <= 0:  # the budget holds every triplet (PEFT's kthvalue would fail on k = 0)
+            threshold = -math.inf
+        else:
+            device = scores[0].device
+            threshold = torch.kthvalue(torch.cat([s.to(device) for s in scores]), k)[0].item()
+        for layer, score in zip(self.layers, scores, strict=True):
+            layer.mask.copy_(~(score <= threshold))
+            layer.apply_mask()
+
+
+def allocator(model: nn.Module) -> RankAllocator:
+    """The AdaLoRA rank allocator of `model` (for a hand-written loop: `allocator(model).update_and_allocate(step)`).
+
+    Raises:
+        ValueError: the model has no AdaLoRA layers, or several groups (one per `adapt_` call).
+    """
+    found = [m for m in model.modules() if isinstance(m, RankAllocator)]
+    if len(found) != 1:
+        raise ValueError(
+            f"{type(model).__name__} has {len(found)} AdaLoRA rank allocators (one per lx.adapt_ call with "
+            "adalora); expected exactly one"
+        )
+    return found[0]
+
+
+@register("adalora")
+@dataclass(frozen=True)
+class AdaLoRAConfig(AdapterConfig):
+    """AdaLoRA's hyper-parameters, PEFT's names and defaults.
+
+    Args:
+        init_r: initial rank r of every layer (triplets per layer).
+        target_r: average rank per layer at the end; the total budget goes from init_r * n to target_r * n
+            (at most init_r; checked when the allocator steps, since PEFT files may carry a larger one unused).
+        alpha: the scale numerator (PEFT's lora_alpha): s = alpha / (init_r + 1e-5).
+        dropout: dropout on the adapter's input.
+        tinit: warmup steps before any pruning.
+        tfinal: final steps with the rank pattern fixed.
+        deltaT: steps between two maskings in the budget phase.
+        beta1: EMA factor of the sensitivity Ī.
+        beta2: EMA factor of the uncertainty Ū.
+        orth_reg_weight: weight of the orthogonality regulariser (`penalty()`).
+        total_step: total optimizer steps T; None only while the allocator is not stepped.
+    """
+
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+
+    adapter: ClassVar[type[Adapter]] = AdaLoRA
+    #: PEFT's AdaLoRA adapts no embedding.
+    base_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    peft_type: ClassVar[str | None] = "ADALORA"
+    #: PEFT config keys this method fills per layer itself (io/peft.py): rank_pattern holds masks, not ranks.
+    peft_layer_keys: ClassVar[tuple[str, ...]] = ("rank_pattern",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+
+        def is_int(v: Any, low: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        for name, low in (
+            ("init_r", 1),
+            ("target_r", 1),
+            ("tinit", 0),
+            ("tfinal", 0),
+            ("deltaT", 1),
+        ):
+            if not is_int(getattr(self, name), low):
+                raise ValueError(
+                    f"adalora: {name} must be an integer >= {low}, got {getattr(self, name)!r}"
+                )
+        for name in ("beta1", "beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"adalora: {name} must be in (0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adalora: dropout must be in [0, 1), got {self.dropout!r}")
+        if not (math.isfinite(self.orth_reg_weight) and self.orth_reg_weight >= 0):
+            raise ValueError(f"adalora: orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        if self.total_step is not None:
+            if not is_int(self.total_step, 1):
+                raise ValueError(
+                    f"adalora: total_step must be an integer >= 1 or None, got {self.total_step!r}"
+                )
+            if self.tinit >= self.total_step - self.tfinal:
+                raise ValueError(
+                    f"adalora: no budget phase: tinit={self.tinit} must be below total_step - tfinal = "
+                    f"{self.total_step} - {self.tfinal}"
+                )
+
+    @property
+    def scale(self) -> float:
+        """alpha / (ranknum + 1e-5), ranknum = init_r (the authors' and PEFT's scale)."""
+        return self.alpha / (float(self.init_r) + 1e-5)
+
+    def check_shape(self, in_features: int, out_features: int) -> None:
+        if self.init_r > min(in_features, out_features):
+            raise ValueError(
+                f"init_r {self.init_r} is above min(in, out) = {min(in_features, out_features)} "
+                "(P and Q cannot have orthonormal columns / rows)"
+            )
+
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        # A (r, in), B (out, r) and the r singular values E
+        return self.init_r * (in_features + out_features) + self.init_r
+
+    def for_layer(self, rank: int | None = None, alpha: float | None = None) -> AdaLoRAConfig:
+        """AdaLoRA has one config for all layers: the allocator moves the rank between them."""
+        if rank is not None:
+            raise ValueError(
+                "adalora has no per-layer rank (rank_pattern): its allocator sets the ranks"
+            )
+        if alpha is not None and alpha != self.alpha:
+            raise ValueError(
+                "adalora uses one alpha for all layers (PEFT's AdaLoRA ignores alpha_pattern)"
+            )
+        return self
+
+    def build_layers(
+        self, layers: Mapping[str, tuple[nn.Module, AdapterConfig]]
+    ) -> dict[str, Adapter]:
+        """The layers and ONE rank allocator shared by them, set as a submodule of each."""
+        built = super().build_layers(layers)
+        if built:
+            shared = RankAllocator(self, built)  # type: ignore[arg-type]
+            for layer in built.values():
+                layer.allocator = shared
+        return built
+
+    # -- PEFT format ------------------------------------------------------------------------------
+    def peft_fields(self) -> dict[str, Any]:
+        """The fields of PEFT's AdaLoraConfig (rank_pattern comes from the layers, see `peft_layer_keys`).
+
+        Raises:
+            ValueError: total_step is None (PEFT's AdaLoraConfig refuses to load without it).
+        """
+        if self.total_step is None:
+            raise ValueError(
+                "adalora: PEFT's AdaLoraConfig cannot be loaded without total_step > 0; set total_step or save "
+                "with format='native'"
+            )
+        return {
+            "init_r": self.init_r,
+            "target_r": self.target_r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "tinit": self.tinit,
+            "tfinal": self.tfinal,
+            "deltaT": self.deltaT,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "orth_reg_weight": self.orth_reg_weight,
+            "total_step": self.total_step,
+            "init_lora_weights": True,
+            "bias": "none",
+            "use_dora": False,
+        }
+
+    @classmethod
+    def from_peft_fields(cls, fields: dict[str, Any]) -> AdaLoRAConfig:
+        """Read PEFT's AdaLoraConfig fields (`r` and `use_rslora` are ignored there, and here)."""
+        for key, neutral in (("bias", "none"), ("lora_bias", False), ("use_dora", False)):
+            if fields.get(key, neutral) not in (neutral, None):
+                raise ValueError(
+                    f"PEFT adapter has {key}={fields[key]!r}; adalora reads only {neutral!r}"
+                )
+        init_r = int(fields.get("init_r", 12))
+        alpha = float(fields.get("lora_alpha", 8))
+        total = fields.get("total_step")
+        return cls(
+            init_r=init_r,
+            target_r=int(fields.get("target_r", 8)),
+            alpha=alpha if alpha > 0 else float(init_r),  # PEFT: scaling = lora_alpha if > 0 else r
+            dropout=float(fields.get("lora_dropout", 0.0) or 0.0),
+            tinit=int(fields.get("tinit", 0)),
+            tfinal=int(fields.get("tfinal", 0)),
+            deltaT=int(fields.get("deltaT", 1)),
+            beta1=float(fields.get("beta1", 0.85)),
+            beta2=float(fields.get("beta2", 0.85)),
+            orth_reg_weight=float(fields.get("orth_reg_weight", 0.5)),
+            total_step=None if total is None else int(total),
+        )
