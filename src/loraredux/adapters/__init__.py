@@ -1,6 +1,41 @@
 """Axis 1 of the taxonomy: one file per method. Importing this package registers every method."""
 
+from .abba import ABBA, ABBAConfig
+from .adalora import AdaLoRA, AdaLoRAConfig
 from .dora import DoRA, DoRAConfig
+from .hira import HiRA, HiRAConfig
+from .krona import KronA, KronAConfig
+from .loha import LoHa, LoHaConfig
+from .lokr import LoKr, LoKrConfig
 from .lora import LoRA, LoRAConfig
+from .lora_xs import LoRAXS, LoRAXSConfig
+from .mora import MoRA, MoRAConfig
+from .polar import PoLAR, PoLARConfig
+from .svft import SVFT, SVFTConfig
 
-__all__ = ["DoRA", "DoRAConfig", "LoRA", "LoRAConfig"]
+__all__ = [
+    "ABBA",
+    "SVFT",
+    "ABBAConfig",
+    "AdaLoRA",
+    "AdaLoRAConfig",
+    "DoRA",
+    "DoRAConfig",
+    "HiRA",
+    "HiRAConfig",
+    "KronA",
+    "KronAConfig",
+    "LoHa",
+    "LoHaConfig",
+    "LoKr",
+    "LoKrConfig",
+    "LoRA",
+    "LoRAConfig",
+    "LoRAXS",
+    "LoRAXSConfig",
+    "MoRA",
+    "MoRAConfig",
+    "PoLAR",
+    "PoLARConfig",
+    "SVFTConfig",
+]
