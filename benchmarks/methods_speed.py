@@ -25,6 +25,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,22 @@ from lora_speed import (
 # rank that gives LoRA r = 16's budget, so step times compare at equal trainable parameters where possible.
 METHOD_CONFIGS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 16, "alpha": 32},
-    "dora": {"rank": 16, "alpha": 32},
+    "dora": {"rank": 16, "alpha": 32},  # LoRA's budget plus one magnitude per output
+    "adalora": {
+        "init_r": 16,
+        "target_r": 8,
+        "alpha": 32,
+        "total_step": 10_000,
+    },  # + r singular values
+    "hira": {"rank": 16},  # LoRA r = 16's budget
+    "loha": {"rank": 8, "alpha": 16},  # 2 r (in + out): LoRA r = 16's budget
+    "abba": {"rank": 8},  # (r1 + r2)(in + out) with r1 = r2 = 8: LoRA r = 16's budget
+    "mora": {"rank": 16},  # r_hat^2 <= LoRA r = 16's budget
+    "lokr": {"rank": 16, "alpha": 32},  # PEFT's default factorisation: far fewer parameters
+    "krona": {},  # factors near sqrt(out) x sqrt(in): far fewer parameters
+    "lora_xs": {"rank": 16, "alpha": 16},  # r^2 per layer
+    "svft": {"pattern": "plain"},  # one coefficient per singular value, full bases
+    "polar": {"rank": 16, "alpha": 32},  # LoRA r = 16's budget plus r^2
 }
 DORA_TARGETS = {
     "train: dora / lora (loraredux)": 1.10,
@@ -134,14 +150,51 @@ def dora_sanity(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor) -> dict[s
     return {"losses": losses, "loss_abs_diff": loss_diff, "grad_max_abs_diff": diff, "ok": ok}
 
 
+def fit_step(model: nn.Module, ids: torch.Tensor, lr: float) -> Callable[[], None]:
+    """One training step as `lx.train.fit` runs it: the LM loss plus the adapters' penalty, backward, the
+    `before_optimizer_step` hooks, AdamW's step, the `on_optimizer_step` hooks, zero_grad. So AdaLoRA's allocator
+    and orthogonality penalty and PoLAR's landing field are timed with the method, as a user runs it."""
+    import loraredux as lx
+
+    optimizer = torch.optim.AdamW(trainable(model), lr=lr)
+    before = [m for m in model.modules() if callable(getattr(m, "before_optimizer_step", None))]
+    after = [m for m in model.modules() if callable(getattr(m, "on_optimizer_step", None))]
+    model.train()
+    count = [0]
+
+    def step() -> None:
+        count[0] += 1
+        loss = model(input_ids=ids, labels=ids).loss
+        extra = lx.penalty(model)
+        (loss if extra is None else loss + extra).backward()
+        for m in before:
+            m.before_optimizer_step(count[0])
+        optimizer.step()
+        for m in after:
+            m.on_optimizer_step(count[0])
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 
+PEFT_VARIANTS = {
+    "peft-dora": True,
+    "peft-lora": False,
+}  # memory variants of part 1 besides our methods
+
+
 def memory_worker(args: argparse.Namespace) -> None:
-    """In a fresh process: one method's model, the peak RSS of a steady-state training step above it."""
+    """In a fresh process: one variant's model, the peak RSS of a steady-state training step above it."""
     torch.set_num_threads(args.threads)
-    model = adapted(reference_model(args), args.memory_worker, METHOD_CONFIGS[args.memory_worker])
-    step = make_train_step(model, batch(args), args.lr)
+    name, reference = args.memory_worker, reference_model(args)
+    if name in PEFT_VARIANTS:
+        model = peft_model(reference, 16, 32.0, dora=PEFT_VARIANTS[name])
+    else:
+        model = adapted(reference, name, METHOD_CONFIGS[name])
+    step = fit_step(model, batch(args), args.lr)
     malloc_trim()
     baseline = rss_bytes()
     peak_rss_window(step, baseline)  # the first step creates the optimizer state
@@ -206,6 +259,8 @@ def part_dora(args: argparse.Namespace, reference: nn.Module, ids: torch.Tensor)
     infer_rounds = interleaved_times(
         forwards, 3 * args.repeats, args.warmup, max_wait=args.max_wait, deadline=deadline
     )
+    del forwards, models
+    memory = None if args.no_memory else measure_memory(args, ["dora", "lora", *PEFT_VARIANTS])
     train_times, train_basis = pick_rounds(train_rounds)
     infer_times, infer_basis = pick_rounds(infer_rounds)
     train = {v: summarise(t) for v, t in train_times.items()}
@@ -238,6 +293,21 @@ def part_dora(args: argparse.Namespace, reference: nn.Module, ids: torch.Tensor)
         f"({infer_basis['clean_rounds']} clean of {infer_basis['rounds']} rounds, "
         f"statistics over {infer_basis['statistics_over']})"
     )
+    if memory is not None:
+        mib = {v: summarise(runs)["median"] for v, runs in memory.items()}
+        ratios["memory: dora / lora (loraredux)"] = {"ratio_of_medians": mib["dora"] / mib["lora"]}
+        ratios["memory: dora loraredux / dora peft"] = {
+            "ratio_of_medians": mib["dora"] / mib["peft-dora"]
+        }
+        ratios["memory: dora peft / lora peft"] = {
+            "ratio_of_medians": mib["peft-dora"] / mib["peft-lora"]
+        }
+        print("\n### DoRA: peak RSS during a steady training step, above the built model, MiB")
+        rows = [
+            [v, f"{m:.1f}", f"{min(memory[v]):.1f}-{max(memory[v]):.1f}"] for v, m in mib.items()
+        ]
+        print(format_table(["variant", "median", "range"], rows))
+        print(f"({args.memory_repeats} fresh processes per variant)")
     print(
         "\n### DoRA: ratios of medians [quartiles of the per-round ratios], and issue 3's targets"
     )
@@ -247,10 +317,13 @@ def part_dora(args: argparse.Namespace, reference: nn.Module, ids: torch.Tensor)
         limit = DORA_TARGETS.get(key)
         met = None if limit is None else r["ratio_of_medians"] <= limit
         verdicts[key] = {"value": r["ratio_of_medians"], "limit": limit, "met": met}
+        spread = (
+            f" [{r['per_round_q1']:.3f}-{r['per_round_q3']:.3f}]" if "per_round_q1" in r else ""
+        )
         rows.append(
             [
                 key,
-                f"{r['ratio_of_medians']:.3f} [{r['per_round_q1']:.3f}-{r['per_round_q3']:.3f}]",
+                f"{r['ratio_of_medians']:.3f}{spread}",
                 "" if limit is None else f"<= {limit:.2f}",
                 "" if met is None else ("met" if met else "MISSED"),
             ]
@@ -263,6 +336,7 @@ def part_dora(args: argparse.Namespace, reference: nn.Module, ids: torch.Tensor)
         "train_summary_s": train,
         "inference_summary_s": infer,
         "basis": {"train": train_basis, "inference": infer_basis},
+        "memory_mib": memory,
         "ratios": ratios,
         "targets": verdicts,
     }
@@ -283,7 +357,7 @@ def part_methods(
         f"\ntiming the training step of {len(methods)} methods ({args.method_repeats} clean rounds wanted) ..."
     )
     deadline = time.perf_counter() + 0.35 * args.budget
-    steps = {m: make_train_step(models[m], ids, args.lr) for m in methods}
+    steps = {m: fit_step(models[m], ids, args.lr) for m in methods}
     rounds = interleaved_times(
         steps, args.method_repeats, args.warmup, max_wait=args.max_wait, deadline=deadline
     )

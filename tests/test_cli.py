@@ -40,11 +40,38 @@ def test_bad_options_are_refused_by_the_parser(argv, message, capsys):
     [
         (["train", "--method", "nosuch"], "unknown method 'nosuch'"),
         (["train", "--method", "lora", "--dropout", "1.5"], "dropout must be in [0, 1)"),
+        (["train", "--method", "mora", "--alpha", "4"], "mora has no field for --alpha"),
+        (["train", "--method", "mora", "--field", "nosuch=1"], "has no field(s) ['nosuch']"),
+        (["train", "--method", "mora", "--field", "compress=zip"], "compress must be one of"),
+        (["train", "--rank", "4", "--field", "rank=2"], "rank is set twice"),
     ],
 )
 def test_bad_method_choices_fail_before_loading_anything(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_field_must_be_key_equals_value(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--field", "init_r"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_adalora_trains_from_the_cli_with_its_allocator(tmp_path, capsys):
+    """The CLI sets AdaLoRA's total_step to the run's steps, and fit steps the allocator down to target_r."""
+    out = tmp_path / "adalora"
+    argv = ["train", "--method", "adalora", "--field", "init_r=4", "--field", "target_r=2"]
+    argv += ["--train-examples", "64", "--eval-examples", "16", "--steps", "4", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["init_r"], config["total_step"]) == ("ADALORA", 4, 4)
+    masks = config[
+        "rank_pattern"
+    ]  # PEFT's per-layer masks: the final ranks sum to target_r per layer
+    assert sum(sum(m) for m in masks.values()) == 2 * 12  # 12 layers (query and value of 6 blocks)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["total_step"] == 4
 
 
 def test_methods_lists_lora(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -44,6 +45,16 @@ def _positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
+
+
+def _field(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _targets(text: str) -> str | list[str]:
@@ -98,6 +109,15 @@ def _add_train(sub: Any) -> None:
         "--dropout", type=float, default=None, help="dropout on the adapter input (default 0)"
     )
     p.add_argument("--rslora", action="store_true", help="use s = alpha / sqrt(r)")
+    p.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        type=_field,
+        metavar="KEY=VALUE",
+        help="set any field of the method's config (repeatable), e.g. --field init_r=16 or --field "
+        "compress=sharing; the value is read as JSON, else as text",
+    )
     p.add_argument(
         "--steps",
         type=_positive_int,
@@ -207,7 +227,8 @@ def _load_folder(path: str, kind: str) -> tuple[Any, Any]:
 
 
 def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The method's fields from --rank/--alpha/--dropout/--rslora; a flag the method lacks is an error."""
+    """The method's fields from --rank/--alpha/--dropout/--rslora and --field; a flag the method lacks is an error
+    (an unknown --field is refused by `lx.config`, which lists the method's fields)."""
     from loraredux.core import config_class
 
     cls = config_class(args.method)
@@ -220,6 +241,10 @@ def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.method} has no field for {', '.join(lacking)}; its fields are {sorted(known)}"
         )
     fields = {k: v for k, v in given.items() if v is not None}
+    for key, value in args.field:
+        if key in fields:
+            raise UsageError(f"{key} is set twice (by --{key} and --field {key}=...)")
+        fields[key] = value
     for key, default in (("rank", 8), ("alpha", 16.0)):
         if key in known:
             fields.setdefault(key, default)
