@@ -8,10 +8,12 @@ give `lora_form() -> (A, B, scale)` with `effective_weight() == W0 + scale * B @
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,10 +31,36 @@ __all__ = [
     "config",
     "config_class",
     "config_from_dict",
+    "initialising",
     "register",
+    "skip_initialisation",
 ]
 
 _REGISTRY: dict[str, type[AdapterConfig]] = {}
+_INITIALISE: contextvars.ContextVar[bool] = contextvars.ContextVar("loraredux_init", default=True)
+
+
+def initialising() -> bool:
+    """Whether adapters built now should initialise their weights (False under `skip_initialisation`).
+
+    Methods whose initialisation is costly (an SVD of W0) read it and, when False, only allocate the tensors that
+    every load fills (parameters and persistent buffers); anything else (non-persistent buffers) is still built.
+    """
+    return _INITIALISE.get()
+
+
+@contextlib.contextmanager
+def skip_initialisation() -> Iterator[None]:
+    """Within the block, adapters are built without their initial values (arbitrary until loaded).
+
+    For building adapters that saved tensors then fill completely (`lx.adapt_(..., init=False)`, which the
+    adapter loaders use), so that no SVD of W0 is computed only to be overwritten.
+    """
+    token = _INITIALISE.set(False)
+    try:
+        yield
+    finally:
+        _INITIALISE.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------- configs

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import Adapter, AdapterConfig, SavedModule
+from .core import Adapter, AdapterConfig, SavedModule, skip_initialisation
 from .targets import TargetSpec, check_pattern, pattern_value, select
 
 __all__ = [
@@ -82,6 +82,7 @@ def adapt_(
     alpha_pattern: Mapping[str, float] | None = None,
     modules_to_save: Sequence[str] | None = None,
     prepare: Callable[[dict[str, Adapter], dict[str, SavedModule]], None] | None = None,
+    init: bool = True,
 ) -> nn.Module:
     """Adapt `model` in place: wrap each target layer in the method's adapter and freeze everything else.
 
@@ -95,6 +96,9 @@ def adapt_(
         modules_to_save: modules trained in full beside the adapters (e.g. `["classifier"]`).
         prepare: called with the built adapters and saved modules before they are swapped in (loading uses
             it to fill in weights); an exception there leaves the model untouched.
+        init: False builds the adapters without their initial values, which then hold arbitrary numbers until
+            loaded (`lx.load_adapter_state_dict`, or `prepare`): for loading saved weights, so that methods with
+            a costly initialisation (an SVD of W0: LoRA-XS, SVFT, ABBA) skip it.
 
     Returns:
         The same model, adapted.
@@ -121,7 +125,8 @@ def adapt_(
     # Build on the side: the model is not touched until everything has succeeded.
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        built = config.build_layers(plan)
+        with contextlib.nullcontext() if init else skip_initialisation():
+            built = config.build_layers(plan)
         saved = {p: SavedModule(model.get_submodule(p)) for p in saved_paths}
         if prepare is not None:
             prepare(built, saved)

@@ -116,3 +116,29 @@ def test_peft_round_trip_within_loraredux(tmp_path: Path) -> None:
     randomize(model)
     lx.save_adapter(model, tmp_path, format="peft")
     assert_same_adapter(model, lx.load_adapter(factory(), tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("method", "fields"),
+    [
+        ("lora_xs", {"rank": 2}),
+        ("svft", {"pattern": "banded", "off_diag": 1}),
+        ("svft", {"pattern": "random", "off_diag": 1, "seed": 3}),
+        ("abba", {"rank": 2}),
+    ],
+)
+def test_loading_computes_no_svd_and_restores_exactly(method, fields, tmp_path, monkeypatch):
+    """The file holds every adapter tensor, so loading builds the adapters without their SVD initialisation."""
+    model = lx.adapt_(tiny_llama(), lx.config(method, **fields), ["q_proj", "down_proj"])
+    randomize(model)
+    lx.save_adapter(model, tmp_path)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD was computed while loading")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    monkeypatch.setattr(torch, "svd_lowrank", no_svd)
+    with pytest.raises(AssertionError, match="an SVD was computed"):  # building anew does need one
+        lx.adapt_(tiny_llama(), lx.config(method, **fields), ["q_proj"])
+    loaded = lx.load_adapter(tiny_llama(), tmp_path)
+    assert_same_adapter(loaded, model)

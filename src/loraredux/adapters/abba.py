@@ -48,7 +48,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, register
+from ..core import Adapter, AdapterConfig, initialising, register
 
 __all__ = ["ABBA", "EXACT_SVD_LIMIT", "ABBAConfig", "khatri_rao_columns", "khatri_rao_rows"]
 
@@ -104,7 +104,8 @@ class ABBA(Adapter):
         self.B2 = nn.Parameter(torch.empty(self.out_features, r2, **new))
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        self.reset_parameters()
+        if initialising():  # loading fills every factor: no SVD of W0 then
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, register
+from ..core import Adapter, AdapterConfig, initialising, register
 
 __all__ = ["LoRAXS", "LoRAXSConfig", "top_singular_factors"]
 
@@ -62,14 +62,21 @@ class LoRAXS(Adapter):
     def __init__(self, base: nn.Module, config: LoRAXSConfig) -> None:
         super().__init__(base, config)
         W0 = self.base_weight()
-        A, B = top_singular_factors(W0, config.rank)
+        r, like = config.rank, {"dtype": W0.dtype, "device": W0.device}
+        if initialising():
+            A, B = top_singular_factors(W0, r)
+        else:  # loading: the file holds the factors, so no SVD
+            A, B = (
+                torch.empty(r, self.in_features, **like),
+                torch.empty(self.out_features, r, **like),
+            )
         self.register_buffer("A", A)  # (r, in), frozen
         self.register_buffer("B", B)  # (out, r), frozen
-        r = config.rank
-        self.R = nn.Parameter(torch.empty(r, r, dtype=W0.dtype, device=W0.device))
+        self.R = nn.Parameter(torch.empty(r, r, **like))
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        self.reset_parameters()
+        if initialising():
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -49,7 +49,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, register
+from ..core import Adapter, AdapterConfig, initialising, register
 
 __all__ = ["SVFT", "SVFTConfig", "pattern_indices", "pattern_size"]
 
@@ -108,19 +108,27 @@ class SVFT(Adapter):
     def __init__(self, base: nn.Module, config: SVFTConfig) -> None:
         super().__init__(base, config)
         W0 = self.base_weight()
-        work = W0.detach().to(torch.float64 if W0.dtype == torch.float64 else torch.float32)
-        with torch.no_grad():
-            U, _, Vh = torch.linalg.svd(work, full_matrices=False)  # (out, k), (k,), (k, in)
         n = config.size(self.in_features, self.out_features)
-        U, V = U[:, :n], Vh[:n].T  # (out, n), (in, n)
-        rows, cols = pattern_indices(config.pattern, n, config.off_diag, seed=config.seed, U=U, V=V)
+        if initialising():
+            work = W0.detach().to(torch.float64 if W0.dtype == torch.float64 else torch.float32)
+            with torch.no_grad():
+                U, _, Vh = torch.linalg.svd(work, full_matrices=False)  # (out, k), (k,), (k, in)
+            U, V = U[:, :n], Vh[:n].T  # (out, n), (in, n)
+            rows, cols = pattern_indices(
+                config.pattern, n, config.off_diag, seed=config.seed, U=U, V=V
+            )
+        else:  # loading: the file holds the bases and the pattern, so no SVD
+            U, V = torch.empty(self.out_features, n), torch.empty(self.in_features, n)
+            k = pattern_size(config.pattern, n, config.off_diag)
+            rows, cols = torch.empty(k, dtype=torch.long), torch.empty(k, dtype=torch.long)
         self.n = n
         self.register_buffer("U", U.to(W0.dtype).contiguous())  # (out, n), frozen
         self.register_buffer("V", V.to(W0.dtype).contiguous())  # (in, n), frozen
         self.register_buffer("rows", rows.to(W0.device))  # (k,) int64, M's row of each value
         self.register_buffer("cols", cols.to(W0.device))  # (k,) int64, M's column of each value
         self.values = nn.Parameter(torch.empty(rows.numel(), dtype=W0.dtype, device=W0.device))
-        self.reset_parameters()
+        if initialising():
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

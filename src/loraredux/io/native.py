@@ -131,4 +131,5 @@ def load(model: nn.Module, fields: dict[str, Any], tensors: dict[str, Tensor]) -
         alpha_pattern=alpha_pattern or None,
         modules_to_save=list(fields.get("modules_to_save") or []),
         prepare=lambda built, saved: _fill(tensors, layers, built, saved),
+        init=False,  # the file holds every adapter tensor: no initial values (no SVD of W0) needed
     )

@@ -1,71 +1,21 @@
-"""`loraredux`: fine-tune, inspect and merge adapters from the command line. Uses only the public API."""
+"""`loraredux train`: fine-tune a packaged model (or a local folder) with any registered method."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
 import math
-import os
 import random
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("loraredux")
+from .common import UsageError, field_value, positive_float, positive_int, targets
+
+__all__ = ["add_train"]
 
 
-class UsageError(Exception):
-    """A mistake in what the user asked for; `main` prints it and exits with status 2."""
-
-
-EPILOG = """examples:
-  loraredux train --out runs/demo                  # MiniLM on Rotten Tomatoes, LoRA r=8, a few minutes
-  loraredux train --model smollm2 --data kjv --steps 40 --out runs/kjv
-  loraredux inspect runs/demo
-  loraredux merge runs/demo --out runs/demo-merged
-"""
-
-
-# ------------------------------------------------------------------------------------------ train
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _field(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _targets(text: str) -> str | list[str]:
-    return (
-        text
-        if text == "all-linear" or text.startswith("re:")
-        else [t for t in text.split(",") if t]
-    )
-
-
-def _add_train(sub: Any) -> None:
+def add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune a packaged model with an adapter and report the metric before and after",
@@ -90,18 +40,18 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--targets",
-        type=_targets,
+        type=targets,
         default=None,
         help="comma-separated module names (suffix match), 'all-linear', or 're:<regex>'; "
         "default: query,value (BERT) or q_proj,v_proj (Llama)",
     )
     p.add_argument(
-        "--exclude", type=_targets, default=None, help="modules never to adapt, same forms"
+        "--exclude", type=targets, default=None, help="modules never to adapt, same forms"
     )
-    p.add_argument("--rank", type=_positive_int, default=None, help="adapter rank r (default 8)")
+    p.add_argument("--rank", type=positive_int, default=None, help="adapter rank r (default 8)")
     p.add_argument(
         "--alpha",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="scale numerator: s = alpha / r (default 16)",
     )
@@ -113,41 +63,41 @@ def _add_train(sub: Any) -> None:
         "--field",
         action="append",
         default=[],
-        type=_field,
+        type=field_value,
         metavar="KEY=VALUE",
         help="set any field of the method's config (repeatable), e.g. --field init_r=16 or --field "
         "compress=sharing; the value is read as JSON, else as text",
     )
     p.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="optimizer steps; default: one epoch over the training examples",
     )
     p.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="peak learning rate (warmup + cosine); default 4e-3 classification, 5e-4 LM",
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=None, help="default 32 (cls) / 8 (LM)"
+        "--batch-size", type=positive_int, default=None, help="default 32 (cls) / 8 (LM)"
     )
     p.add_argument(
         "--max-length",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="tokens per example: truncation (cls, default 64) or block size (LM, default 128)",
     )
     p.add_argument(
         "--train-examples",
-        type=_positive_int,
+        type=positive_int,
         default=4000,
         help="training examples drawn from the split (classification)",
     )
     p.add_argument(
         "--eval-examples",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="test snippets (classification, default 1000) or held-out blocks (LM, default 32)",
     )
@@ -318,187 +268,3 @@ def _cmd_train(args: argparse.Namespace) -> int:
         write_json_atomic(args.out / "metrics.json", metrics)
         print(f"adapter and metrics written to {args.out}/")
     return 0
-
-
-# ------------------------------------------------------------------------------------------ inspect / merge
-
-
-def _load_base(adapter_dir: Path, model_arg: str | None) -> Any:
-    """The bare base model an adapter directory was trained on (or `--model`)."""
-    from loraredux import assets
-    from loraredux.io import read_adapter_config
-
-    cfg = read_adapter_config(adapter_dir)
-    source = model_arg or cfg.get("base_model_name_or_path")
-    if source in ("minilm", "smollm2"):
-        source = str(assets.minilm_dir() if source == "minilm" else assets.smollm2_dir())
-    if not source or not Path(source).is_dir():
-        raise UsageError(
-            f"the base model {source!r} named in {adapter_dir}/adapter_config.json is not a local folder; "
-            "pass --model PATH (or minilm / smollm2)"
-        )
-    import transformers
-
-    task = cfg.get("task_type")
-    kwargs: dict[str, Any] = {}
-    if task == "SEQ_CLS":
-        auto = transformers.AutoModelForSequenceClassification
-        kwargs["num_labels"] = _num_labels(adapter_dir)
-    elif task == "CAUSAL_LM":
-        auto = transformers.AutoModelForCausalLM
-    else:
-        auto = transformers.AutoModel
-    return auto.from_pretrained(source, **kwargs), source
-
-
-def _num_labels(adapter_dir: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as fh:
-        for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-            if key.rsplit(".", 2)[-2:] == ["classifier", "weight"] or key.endswith(
-                "classifier.weight"
-            ):
-                return fh.get_slice(key).get_shape()[0]
-    return 2
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    import loraredux as lx
-    from loraredux.verbs import saved_modules
-
-    model, _ = _load_base(args.directory, args.model)
-    lx.load_adapter(model, args.directory)
-    layers = list(lx.adapters(model))
-    methods = sorted({a.config.method for _, a in layers})
-    n_train = sum(p.numel() for p in lx.trainable_parameters(model).values())
-    print(
-        f"{args.directory}: method {', '.join(methods)}, {len(layers)} adapted layers, "
-        f"{n_train:,} adapter parameters"
-    )
-    saved = [n for n, _ in saved_modules(model)]
-    if saved:
-        print(f"modules trained in full: {', '.join(saved)}")
-    print(
-        f"{'layer':<48} {'out x in':>11} {'rank':>4} {'params':>8}  {'stable':>6}  top singular values"
-    )
-    for name, a in layers:
-        with torch.no_grad():
-            s = torch.linalg.svdvals(a.delta_weight().double())
-        own = sum(p.numel() for p in a.parameters() if p.requires_grad)
-        stable = float((s**2).sum() / s[0] ** 2) if s[0] > 0 else 0.0
-        top = " ".join(f"{v:.3g}" for v in s[: args.top].tolist())
-        rank = getattr(a.config, "rank", "-")
-        print(
-            f"{name:<48} {a.out_features:>5}x{a.in_features:<5} {rank:>4} {own:>8}  {stable:>6.2f}  {top}"
-        )
-    return 0
-
-
-def _cmd_merge(args: argparse.Namespace) -> int:
-    import loraredux as lx
-
-    out: Path = args.out
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"--out {out} exists and is not empty; choose a new folder")
-    model, source = _load_base(args.directory, args.model)
-    lx.load_adapter(model, args.directory)
-    lx.merge_(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        model.save_pretrained(tmp)
-        try:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-        except (OSError, ValueError) as err:
-            log.warning("no tokenizer saved beside the merged model: %s", err)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"merged model written to {out}/ (load it with transformers' from_pretrained)")
-    return 0
-
-
-def _cmd_methods(args: argparse.Namespace) -> int:
-    import loraredux as lx
-    from loraredux.core import config_class
-
-    for name in lx.available_methods():
-        cls = config_class(name)
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
-        doc = (sys.modules[cls.adapter.__module__].__doc__ or "").strip()
-        print(f"{name:<12} {doc.splitlines()[0] if doc else ''}\n{'':<12} {fields}")
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ main
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loraredux",
-        description="Low-rank adaptation read through signal processing: fine-tune, inspect and merge adapters.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train(sub)
-
-    p = sub.add_parser(
-        "inspect",
-        help="method, targets, ranks, parameter counts and update spectra",
-        description="Show what an adapter holds: per layer its shape, rank, parameter count, "
-        "stable rank and the top singular values of its update W' - W0.",
-    )
-    p.add_argument("directory", type=Path, help="an adapter folder (PEFT or loraredux format)")
-    p.add_argument(
-        "--model", default=None, help="base model folder (default: the one the adapter names)"
-    )
-    p.add_argument("--top", type=_positive_int, default=5, help="how many singular values to show")
-    p.set_defaults(run=_cmd_inspect)
-
-    p = sub.add_parser(
-        "merge",
-        help="write the base model with the adapter merged in",
-        description="Load the base model, apply the adapter, merge it into the weights and "
-        "write a plain transformers checkpoint (safetensors) with the tokenizer.",
-    )
-    p.add_argument("directory", type=Path, help="an adapter folder (PEFT or loraredux format)")
-    p.add_argument("--out", type=Path, required=True, help="new folder for the merged checkpoint")
-    p.add_argument(
-        "--model", default=None, help="base model folder (default: the one the adapter names)"
-    )
-    p.set_defaults(run=_cmd_merge)
-
-    p = sub.add_parser("methods", help="list the registered adapter methods and their fields")
-    p.set_defaults(run=_cmd_methods)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
-    )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        return args.run(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        # Library errors are written for people: show them without a traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""`loraredux`: fine-tune, inspect and merge adapters from the command line. Uses only the public API.
+
+One module per subcommand family: `train.py` (train), `adapters.py` (inspect, merge, methods); `common.py` holds the
+usage error and argument types they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .adapters import add_adapter_commands
+from .common import UsageError
+from .train import add_train
+
+__all__ = ["UsageError", "build_parser", "main"]
+
+EPILOG = """examples:
+  loraredux train --out runs/demo                  # MiniLM on Rotten Tomatoes, LoRA r=8, a few minutes
+  loraredux train --model smollm2 --data kjv --steps 40 --out runs/kjv
+  loraredux train --method dora --rank 4 --out runs/dora
+  loraredux inspect runs/demo
+  loraredux merge runs/demo --out runs/demo-merged
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraredux",
+        description="Low-rank adaptation read through signal processing: fine-tune, inspect and merge adapters.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train(sub)
+    add_adapter_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        # Library errors are written for people: show them without a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""`loraredux inspect`, `merge` and `methods`: what an adapter holds, the merged model, the registered methods."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .common import UsageError, log, positive_int
+
+__all__ = ["add_adapter_commands"]
+
+
+def add_adapter_commands(sub: Any) -> None:
+    """The `inspect`, `merge` and `methods` subcommands."""
+    p = sub.add_parser(
+        "inspect",
+        help="method, targets, ranks, parameter counts and update spectra",
+        description="Show what an adapter holds: per layer its shape, rank, parameter count, "
+        "stable rank and the top singular values of its update W' - W0.",
+    )
+    p.add_argument("directory", type=Path, help="an adapter folder (PEFT or loraredux format)")
+    p.add_argument(
+        "--model", default=None, help="base model folder (default: the one the adapter names)"
+    )
+    p.add_argument("--top", type=positive_int, default=5, help="how many singular values to show")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser(
+        "merge",
+        help="write the base model with the adapter merged in",
+        description="Load the base model, apply the adapter, merge it into the weights and "
+        "write a plain transformers checkpoint (safetensors) with the tokenizer.",
+    )
+    p.add_argument("directory", type=Path, help="an adapter folder (PEFT or loraredux format)")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the merged checkpoint")
+    p.add_argument(
+        "--model", default=None, help="base model folder (default: the one the adapter names)"
+    )
+    p.set_defaults(run=_cmd_merge)
+
+    p = sub.add_parser("methods", help="list the registered adapter methods and their fields")
+    p.set_defaults(run=_cmd_methods)
+
+
+def _load_base(adapter_dir: Path, model_arg: str | None) -> Any:
+    """The bare base model an adapter directory was trained on (or `--model`)."""
+    from loraredux import assets
+    from loraredux.io import read_adapter_config
+
+    cfg = read_adapter_config(adapter_dir)
+    source = model_arg or cfg.get("base_model_name_or_path")
+    if source in ("minilm", "smollm2"):
+        source = str(assets.minilm_dir() if source == "minilm" else assets.smollm2_dir())
+    if not source or not Path(source).is_dir():
+        raise UsageError(
+            f"the base model {source!r} named in {adapter_dir}/adapter_config.json is not a local folder; "
+            "pass --model PATH (or minilm / smollm2)"
+        )
+    import transformers
+
+    task = cfg.get("task_type")
+    kwargs: dict[str, Any] = {}
+    if task == "SEQ_CLS":
+        auto = transformers.AutoModelForSequenceClassification
+        kwargs["num_labels"] = _num_labels(adapter_dir)
+    elif task == "CAUSAL_LM":
+        auto = transformers.AutoModelForCausalLM
+    else:
+        auto = transformers.AutoModel
+    return auto.from_pretrained(source, **kwargs), source
+
+
+def _num_labels(adapter_dir: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as fh:
+        for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+            if key.rsplit(".", 2)[-2:] == ["classifier", "weight"] or key.endswith(
+                "classifier.weight"
+            ):
+                return fh.get_slice(key).get_shape()[0]
+    return 2
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    import loraredux as lx
+    from loraredux.verbs import saved_modules
+
+    model, _ = _load_base(args.directory, args.model)
+    lx.load_adapter(model, args.directory)
+    layers = list(lx.adapters(model))
+    methods = sorted({a.config.method for _, a in layers})
+    n_train = sum(p.numel() for p in lx.trainable_parameters(model).values())
+    print(
+        f"{args.directory}: method {', '.join(methods)}, {len(layers)} adapted layers, "
+        f"{n_train:,} adapter parameters"
+    )
+    saved = [n for n, _ in saved_modules(model)]
+    if saved:
+        print(f"modules trained in full: {', '.join(saved)}")
+    print(
+        f"{'layer':<48} {'out x in':>11} {'rank':>4} {'params':>8}  {'stable':>6}  top singular values"
+    )
+    for name, a in layers:
+        with torch.no_grad():
+            s = torch.linalg.svdvals(a.delta_weight().double())
+        own = sum(p.numel() for p in a.parameters() if p.requires_grad)
+        stable = float((s**2).sum() / s[0] ** 2) if s[0] > 0 else 0.0
+        top = " ".join(f"{v:.3g}" for v in s[: args.top].tolist())
+        rank = getattr(a.config, "rank", "-")
+        print(
+            f"{name:<48} {a.out_features:>5}x{a.in_features:<5} {rank:>4} {own:>8}  {stable:>6.2f}  {top}"
+        )
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import loraredux as lx
+
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} exists and is not empty; choose a new folder")
+    model, source = _load_base(args.directory, args.model)
+    lx.load_adapter(model, args.directory)
+    lx.merge_(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        except (OSError, ValueError) as err:
+            log.warning("no tokenizer saved beside the merged model: %s", err)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged model written to {out}/ (load it with transformers' from_pretrained)")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    import loraredux as lx
+    from loraredux.core import config_class
+
+    for name in lx.available_methods():
+        cls = config_class(name)
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        doc = (sys.modules[cls.adapter.__module__].__doc__ or "").strip()
+        print(f"{name:<12} {doc.splitlines()[0] if doc else ''}\n{'':<12} {fields}")
+    return 0
