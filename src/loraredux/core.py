@@ -26,6 +26,7 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "SavedModule",
+    "accumulate_",
     "available_methods",
     "check_tensors",
     "config",
@@ -256,6 +257,17 @@ class Adapter(nn.Module):
         """(A (r, in), B (out, r), scale) with W' = W0 + scale * B @ A, for additive low-rank methods."""
         raise NotImplementedError(f"{type(self).__name__} is not an additive low-rank adapter")
 
+    def flatten(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """x with its leading axes flattened into one axis of rows, and those axes (`y.reshape(*lead, out)`).
+
+        Rows are independent, so a fast path flattens once: (..., in) -> (rows, in), or for an embedding the token
+        ids (...) -> (rows,); the base then returns a fresh (rows, out) tensor to accumulate the update into.
+        """
+        lead = tuple(x.shape[:-1]) if self.view.input_is_dense else tuple(x.shape)
+        if self.view.input_is_dense:
+            return x.reshape(math.prod(lead), x.shape[-1]), lead
+        return x.reshape(math.prod(lead)), lead
+
     def penalty(self) -> Tensor | None:
         """The method's regulariser, added to the training loss (`lx.penalty`); None for most methods."""
         return None
@@ -266,6 +278,17 @@ class Adapter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.adapted(x) if self.enabled else self.base(x)
+
+    @torch.no_grad()
+    def load_peft_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy PEFT-format tensors into the adapter; their names and shapes must be exactly `peft_tensors()`'s.
+
+        Raises:
+            ValueError: missing, unexpected or misshapen tensors (named); nothing is copied then.
+        """
+        own = self.peft_tensors()  # type: ignore[attr-defined]  # methods with a PEFT form define it
+        for key, value in check_tensors(tensors, own).items():
+            own[key].copy_(value)
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
@@ -298,6 +321,26 @@ class SavedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return (self.module if self.enabled else self.original)(*args, **kwargs)
+
+
+def accumulate_(y: Tensor, z: Tensor, B: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """y + scale * z B^T (or y + scale * z without B), into y in place when y, z (and B) share a dtype.
+
+    The in-place form is one GEMM (`addmm_`) or one `add_`: no new (rows, out) tensor and no separate scale or add
+    pass. Autograd allows it when y is a layer's fresh output, whose backward needs the layer's input and weight,
+    not y. Under autocast, or with a base computing in another dtype, it is computed out of place.
+
+    Args:
+        y: (rows, out), e.g. the base layer's output.
+        z: (rows, r), or (rows, out) without B.
+        B: (out, r) or None.
+        scale: the update's scale.
+    """
+    if B is None:
+        return y.add_(z, alpha=scale) if y.dtype == z.dtype else y + scale * z
+    if y.dtype == z.dtype == B.dtype:
+        return y.addmm_(z, B.T, alpha=scale)
+    return torch.addmm(y, z, B.T, alpha=scale)
 
 
 def check_tensors(tensors: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -48,7 +48,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, initialising, register
+from ..core import Adapter, AdapterConfig, accumulate_, initialising, register
 
 __all__ = ["ABBA", "EXACT_SVD_LIMIT", "ABBAConfig", "khatri_rao_columns", "khatri_rao_rows"]
 
@@ -128,17 +128,11 @@ class ABBA(Adapter):
         return khatri_rao_columns(self.A1, self.A2), khatri_rao_rows(self.B1, self.B2), self.scale
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
+        x, lead = self.flatten(x)
         y = self.base(x)  # (tokens, out)
-        h = x if self.dropout is None or not dense else self.dropout(x)
+        h = x if self.dropout is None or not self.view.input_is_dense else self.dropout(x)
         A, B, _ = self.lora_form()  # (r1 r2, in), (out, r1 r2)
-        z = self.view.project(h, A)  # (tokens, r1 r2)
-        if y.dtype == z.dtype == B.dtype:
-            y.addmm_(z, B.T, alpha=self.scale)  # in place: the base's backward does not need y
-        else:  # autocast, or a base computing in another dtype
-            y = torch.addmm(y, z, B.T, alpha=self.scale)
+        y = accumulate_(y, self.view.project(h, A), B, self.scale)  # z: (tokens, r1 r2)
         return y.reshape(*lead, y.shape[-1])
 
 

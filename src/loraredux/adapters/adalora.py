@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, check_tensors, register
+from ..core import Adapter, AdapterConfig, accumulate_, check_tensors, register
 
 __all__ = ["AdaLoRA", "AdaLoRAConfig", "RankAllocator", "allocator"]
 
@@ -96,16 +96,12 @@ class AdaLoRA(Adapter):
         return self.A * self.E, self.B, self.scale  # Λ folded into A: (r, in), (out, r)
 
     def adapted(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(math.prod(lead), x.shape[-1])  # (tokens, in)
+        x, lead = self.flatten(x)  # (tokens, in)
         y = self.base(x)  # (tokens, out)
         h = x if self.dropout is None else self.dropout(x)
         # Scale by λ on the (tokens, r) projection: cheaper than forming A * E (r, in) per call.
         z = self.view.project(h, self.A) * self.E.T  # (tokens, r)
-        if y.dtype == z.dtype == self.B.dtype:
-            y.addmm_(z, self.B.T, alpha=self.scale)  # in place: the base's backward does not need y
-        else:  # autocast, or a base computing in another dtype
-            y = torch.addmm(y, z, self.B.T, alpha=self.scale)
+        y = accumulate_(y, z, self.B, self.scale)
         return y.reshape(*lead, y.shape[-1])
 
     def penalty(self) -> Tensor | None:

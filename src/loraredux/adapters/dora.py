@@ -29,14 +29,13 @@ PEFT writes DoRA as a LoRA adapter with `use_dora: true` and one more tensor per
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, register
+from ..core import Adapter, accumulate_, register
 from .lora import LoRA, LoRAConfig
 
 __all__ = ["DoRA", "DoRAConfig", "weight_norm"]
@@ -99,22 +98,16 @@ class DoRA(LoRA):
         raise NotImplementedError("DoRA rescales every output row: W' is not W0 + s B A")
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
+        x, lead = self.flatten(x)
         c = self.magnitude / self.norm()  # (out,), the gradient reaches m only
         y = self.base(x)  # (tokens, out) = x W0^T + b, a fresh tensor
-        if self.dropout is not None and self.training and dense:
+        if self.dropout is not None and self.training and self.view.input_is_dense:
             # PEFT's form under dropout: y + (c - 1) (x_d W0^T) + c s (x_d A^T) B^T, x_d = dropout(x).
             h = self.dropout(x)
             base_d = self.view.project(h, self.base_weight())  # (tokens, out)
             d = torch.addmm(base_d, self.view.project(h, self.A), self.B.T, alpha=self.scale)
             return (y + c * d - base_d).reshape(*lead, y.shape[-1])
-        z = self.view.project(x, self.A)  # (tokens, r)
-        if y.dtype == z.dtype == self.B.dtype:
-            y.addmm_(z, self.B.T, alpha=self.scale)  # in place, as in LoRA.adapted
-        else:  # autocast or a base computing in another dtype
-            y = torch.addmm(y, z, self.B.T, alpha=self.scale)
+        y = accumulate_(y, self.view.project(x, self.A), self.B, self.scale)  # in place, as in LoRA
         # c ⊙ (x W0^T + b + s z B^T) + (1 - c) b = c ⊙ (x W0^T + s z B^T) + b: one fused pass over (tokens, out).
         b = self.view.bias
         y = y * c if b is None else torch.addcmul(b - c * b, y, c)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, check_tensors, register
+from ..core import Adapter, AdapterConfig, accumulate_, register
 
 __all__ = ["HiRA", "HiRAConfig"]
 
@@ -75,17 +75,11 @@ class HiRA(Adapter):
         return self.base_weight() + self.delta_weight()  # (out, in)
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
+        x, lead = self.flatten(x)
         y = self.base(x)  # (tokens, out)
-        if dense:
+        if self.view.input_is_dense:
             h = x if self.dropout is None else self.dropout(x)
-            dW = self.delta_weight()  # (out, in)
-            if y.dtype == h.dtype == dW.dtype:
-                y.addmm_(h, dW.T)  # in place: the base's backward does not need y
-            else:  # autocast, or a base computing in another dtype
-                y = torch.addmm(y, h, dW.T)
+            y = accumulate_(y, h, self.delta_weight())  # y += h dW^T, dW (out, in)
         else:
             # Row t of the update's table is W0^T[id] ⊙ (A^T[id] B^T): two gathers, no (out, in) matrix.
             rows = F.embedding(x, self.base_weight().T)  # (tokens, out)
@@ -97,12 +91,6 @@ class HiRA(Adapter):
         if self.view.kind == "embedding":
             return {"hira_embedding_A": self.A, "hira_embedding_B": self.B}
         return {"hira_A": self.A, "hira_B": self.B}
-
-    @torch.no_grad()
-    def load_peft_tensors(self, tensors: dict[str, Tensor]) -> None:
-        own = self.peft_tensors()
-        for key, value in check_tensors(tensors, own).items():
-            own[key].copy_(value)
 
 
 @register("hira")

@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, register
+from ..core import Adapter, AdapterConfig, accumulate_, register
 
 __all__ = ["KronA", "KronAConfig", "balanced_factor", "kron_matvec"]
 
@@ -87,21 +87,16 @@ class KronA(Adapter):
         return self.base_weight() + self.delta_weight()  # (out, in)
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
+        x, lead = self.flatten(x)
         y = self.base(x)  # (tokens, out)
-        if dense:
+        if self.view.input_is_dense:
             h = x if self.dropout is None else self.dropout(x)
             delta = kron_matvec(self.A, self.B, h.to(self.A.dtype))  # (tokens, out)
         else:
             b_in = self.B.shape[1]
             a, b = self.A.T[x // b_in], self.B.T[x % b_in]  # (tokens, a_out), (tokens, b_out)
             delta = (a[:, :, None] * b[:, None, :]).reshape(x.shape[0], -1)
-        if y.dtype == delta.dtype:
-            y.add_(delta, alpha=self.scale)  # in place: the base's backward does not need y
-        else:  # autocast, or a base computing in another dtype
-            y = y + self.scale * delta
+        y = accumulate_(y, delta, scale=self.scale)
         return y.reshape(*lead, y.shape[-1])
 
 

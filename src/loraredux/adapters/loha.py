@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, check_tensors, register
+from ..core import Adapter, AdapterConfig, accumulate_, register
 
 __all__ = ["LoHa", "LoHaConfig", "face_split_factors", "factorised_is_cheaper", "lycoris_dropout"]
 
@@ -139,10 +139,7 @@ class LoHa(Adapter):
         return A, B, self.scale
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        rows = math.prod(lead)
-        x = x.reshape(rows, x.shape[-1]) if dense else x.reshape(rows)
+        x, lead = self.flatten(x)
         y = self.base(x)  # (rows, out)
         keep = None
         cfg = self.config
@@ -152,33 +149,20 @@ class LoHa(Adapter):
             )
             if skip:
                 return y.reshape(*lead, y.shape[-1])
-        if factorised_is_cheaper(rows, self.in_features, self.out_features, cfg.rank, dense):
+        dense = self.view.input_is_dense
+        if factorised_is_cheaper(x.shape[0], self.in_features, self.out_features, cfg.rank, dense):
             A, B = self.lora_form()[:2]
             B = B if keep is None else B * keep[:, None]  # dropping row o of dW drops row o of B
-            z = self.view.project(x, A)  # (rows, r^2)
-            if y.dtype == z.dtype == B.dtype:
-                y.addmm_(z, B.T, alpha=self.scale)  # in place: the base's backward does not need y
-            else:  # autocast, or a base computing in another dtype
-                y = torch.addmm(y, z, B.T, alpha=self.scale)
+            y = accumulate_(y, self.view.project(x, A), B, self.scale)  # z: (rows, r^2)
         else:
             dW = self.hadamard()
             dW = dW if keep is None else dW * keep[:, None]
-            delta = self.view.project(x, dW)  # (rows, out)
-            if y.dtype == delta.dtype:
-                y.add_(delta, alpha=self.scale)
-            else:
-                y = y + self.scale * delta
+            y = accumulate_(y, self.view.project(x, dW), scale=self.scale)  # (rows, out)
         return y.reshape(*lead, y.shape[-1])
 
     # -- PEFT format: tensor names relative to the layer's path --------------------------------------
     def peft_tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in _NAMES}
-
-    @torch.no_grad()
-    def load_peft_tensors(self, tensors: dict[str, Tensor]) -> None:
-        own = self.peft_tensors()
-        for key, value in check_tensors(tensors, own).items():
-            own[key].copy_(value)
 
 
 def _check_probability(method: str, name: str, value: float) -> None:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, check_tensors, register
+from ..core import Adapter, AdapterConfig, accumulate_, register
 from .loha import _check_probability, lycoris_dropout
 
 __all__ = ["KroneckerLayout", "LoKr", "LoKrConfig", "factorization", "kron_apply", "kron_lookup"]
@@ -171,10 +171,7 @@ class LoKr(Adapter):
         return self.base_weight() + self.scale * torch.kron(self.w1(), self.w2())  # (out, in)
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        rows = math.prod(lead)
-        x = x.reshape(rows, x.shape[-1]) if dense else x.reshape(rows)
+        x, lead = self.flatten(x)
         y = self.base(x)  # (rows, out)
         cfg = self.config
         keep = None
@@ -189,24 +186,16 @@ class LoKr(Adapter):
             if skip:
                 return y.reshape(*lead, y.shape[-1])
         W1, W2 = self.w1(), self.w2()
+        dense = self.view.input_is_dense
         delta = kron_apply(W1, W2, x) if dense else kron_lookup(W1, W2, x)  # (rows, out)
         if keep is not None:
             delta = delta * keep  # "rank" dropout zeroes output rows of dW
-        if y.dtype == delta.dtype:
-            y.add_(delta, alpha=self.scale)  # in place: the base's backward does not need y
-        else:  # autocast, or a base computing in another dtype
-            y = y + self.scale * delta
+        y = accumulate_(y, delta, scale=self.scale)
         return y.reshape(*lead, y.shape[-1])
 
     # -- PEFT format: tensor names relative to the layer's path --------------------------------------
     def peft_tensors(self) -> dict[str, Tensor]:
         return {name: p for name in _NAMES if (p := getattr(self, name)) is not None}
-
-    @torch.no_grad()
-    def load_peft_tensors(self, tensors: dict[str, Tensor]) -> None:
-        own = self.peft_tensors()
-        for key, value in check_tensors(tensors, own).items():
-            own[key].copy_(value)
 
 
 @register("lokr")

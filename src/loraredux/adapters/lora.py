@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, check_tensors, register
+from ..core import Adapter, AdapterConfig, accumulate_, register
 
 __all__ = ["LoRA", "LoRAConfig"]
 
@@ -59,20 +59,10 @@ class LoRA(Adapter):
         return self.A, self.B, self.scale
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        # Rows are independent, so flatten once: the base and x A^T share one (tokens, in) input, and the base
-        # returns a fresh 2-D tensor to accumulate into.
-        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
-        y = self.base(x)  # (tokens, out)
-        h = x if self.dropout is None or not dense else self.dropout(x)
-        z = self.view.project(h, self.A)  # (tokens, r)
-        if y.dtype == z.dtype == self.B.dtype:
-            # y += s * z B^T as one GEMM accumulating in place: no new (tokens, out) tensor, no separate scale
-            # or add pass. Autograd allows it: the base's backward needs its input and weight, not y.
-            y.addmm_(z, self.B.T, alpha=self.scale)
-        else:  # autocast (y, z in bf16/fp16, B in fp32) or a base computing in another dtype
-            y = torch.addmm(y, z, self.B.T, alpha=self.scale)
+        x, lead = self.flatten(x)  # the base and x A^T share one (tokens, in) input
+        y = self.base(x)  # (tokens, out), fresh
+        h = x if self.dropout is None or not self.view.input_is_dense else self.dropout(x)
+        y = accumulate_(y, self.view.project(h, self.A), self.B, self.scale)  # y += s (h A^T) B^T
         return y.reshape(*lead, y.shape[-1])
 
     # -- PEFT format: tensor names relative to the layer's path --------------------------------------
@@ -80,12 +70,6 @@ class LoRA(Adapter):
         if self.view.kind == "embedding":
             return {"lora_embedding_A": self.A, "lora_embedding_B": self.B}
         return {"lora_A.weight": self.A, "lora_B.weight": self.B}
-
-    @torch.no_grad()
-    def load_peft_tensors(self, tensors: dict[str, Tensor]) -> None:
-        own = self.peft_tensors()
-        for key, value in check_tensors(tensors, own).items():
-            own[key].copy_(value)
 
 
 @register("lora")

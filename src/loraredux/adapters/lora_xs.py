@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, initialising, register
+from ..core import Adapter, AdapterConfig, accumulate_, initialising, register
 
 __all__ = ["LoRAXS", "LoRAXSConfig", "top_singular_factors"]
 
@@ -94,16 +94,11 @@ class LoRAXS(Adapter):
         return self.R @ self.A, self.B, self.scale
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
+        x, lead = self.flatten(x)
         y = self.base(x)  # (tokens, out)
-        h = x if self.dropout is None or not dense else self.dropout(x)
+        h = x if self.dropout is None or not self.view.input_is_dense else self.dropout(x)
         z = self.view.project(h, self.A) @ self.R.T  # (tokens, r)
-        if y.dtype == z.dtype == self.B.dtype:
-            y.addmm_(z, self.B.T, alpha=self.scale)  # in place: the base's backward does not need y
-        else:  # autocast, or a base computing in another dtype
-            y = torch.addmm(y, z, self.B.T, alpha=self.scale)
+        y = accumulate_(y, z, self.B, self.scale)
         return y.reshape(*lead, y.shape[-1])
 
 

@@ -192,8 +192,7 @@ class MoRA(Adapter):
         return self.base_weight() + self.delta_weight()  # (out, in)
 
     def adapted(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(math.prod(lead), x.shape[-1])  # rows are independent: flatten once
+        x, lead = self.flatten(x)
         y = self.base(x)  # (tokens, out), a fresh tensor the update accumulates into
         h = x if self.dropout is None else self.dropout(x)
         z = self.compress(h)  # (tokens, r̂) or (tokens, n', r̂)

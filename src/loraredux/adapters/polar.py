@@ -51,7 +51,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, register
+from ..core import Adapter, AdapterConfig, accumulate_, register
 
 __all__ = [
     "PoLAR",
@@ -149,16 +149,11 @@ class PoLAR(Adapter):
         return self.Theta @ self.Y.T, self.X, self.scale
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
+        x, lead = self.flatten(x)
         y = self.base(x)  # (tokens, out)
-        h = x if self.dropout is None or not dense else self.dropout(x)
+        h = x if self.dropout is None or not self.view.input_is_dense else self.dropout(x)
         z = self.view.project(h, self.Y.T) @ self.Theta.T  # (tokens, r)
-        if y.dtype == z.dtype == self.X.dtype:
-            y.addmm_(z, self.X.T, alpha=self.scale)  # in place: the base's backward does not need y
-        else:  # autocast, or a base computing in another dtype
-            y = torch.addmm(y, z, self.X.T, alpha=self.scale)
+        y = accumulate_(y, z, self.X, self.scale)
         return y.reshape(*lead, y.shape[-1])
 
     # -- training ------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, initialising, register
+from ..core import Adapter, AdapterConfig, accumulate_, initialising, register
 
 __all__ = ["SVFT", "SVFTConfig", "pattern_indices", "pattern_size"]
 
@@ -148,17 +148,12 @@ class SVFT(Adapter):
         return self.base_weight() + self.U @ self.M() @ self.V.T  # (out, in)
 
     def adapted(self, x: Tensor) -> Tensor:
-        dense = self.view.input_is_dense
-        lead = x.shape[:-1] if dense else x.shape  # token ids carry no feature axis
-        x = x.reshape(math.prod(lead), x.shape[-1]) if dense else x.reshape(math.prod(lead))
+        x, lead = self.flatten(x)
         y = self.base(x)  # (tokens, out)
         z = self.view.project(x, self.V.T)  # (tokens, n) = x V
         # M is diagonal for plain (values in diagonal order), else a small dense n x n GEMM.
         w = z * self.values if self.config.pattern == "plain" else z @ self.M().T  # (tokens, n)
-        if y.dtype == w.dtype == self.U.dtype:
-            y.addmm_(w, self.U.T)  # in place: the base's backward does not need y
-        else:  # autocast, or a base computing in another dtype
-            y = torch.addmm(y, w, self.U.T)
+        y = accumulate_(y, w, self.U)  # y += w U^T
         return y.reshape(*lead, y.shape[-1])
 
 
