@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -92,3 +93,26 @@ def assert_unchanged(model: torch.nn.Module, before: Snapshot) -> None:
 
 def adapted_names(model: torch.nn.Module) -> list[str]:
     return [n for n, _ in lx.adapters(model)]
+
+
+def token_ids() -> torch.Tensor:
+    """A fixed (2, 7) batch of token ids below 64 (the tiny models' vocabulary)."""
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    """The model's logits on `token_ids()`, without autograd."""
+    with torch.no_grad():
+        return model(input_ids=token_ids()).logits
+
+
+@torch.no_grad()
+def randomize(target: torch.nn.Module | Iterable[torch.Tensor], seed: int = 2) -> None:
+    """Nonzero random values, 0.3 N(0, 1), in a model's trainable parameters (or in the given tensors), so that
+    an adapter matters (B starts at 0) and a wrong load cannot pass."""
+    params = (
+        lx.trainable_parameters(target).values() if isinstance(target, torch.nn.Module) else target
+    )
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 import loraredux as lx
 from loraredux.adapters import abba as abba_module
 from loraredux.adapters.abba import ABBA, khatri_rao_columns, khatri_rao_rows
-from tiny_models import assert_unchanged, snapshot, tiny_gpt2, tiny_llama
+from tiny_models import assert_unchanged, logits, randomize, snapshot, tiny_gpt2, tiny_llama
 
 F64 = torch.float64
 
@@ -246,19 +246,6 @@ def test_bad_config_values_are_refused(bad):
 
 
 # ----------------------------------------------------------------------------------------------- files
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-@torch.no_grad()
-def randomize(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(2)
-    for p in lx.trainable_parameters(model).values():
-        p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 import loraredux as lx
 from loraredux.adapters.adalora import AdaLoRA, RankAllocator, allocator
 from loraredux.train import TrainConfig, epoch_batches, fit
-from tiny_models import assert_unchanged, snapshot, tiny_gpt2, tiny_llama
+from tiny_models import assert_unchanged, logits, snapshot, tiny_gpt2, tiny_llama
 
 FACTORS = {"A": "lora_A", "E": "lora_E", "B": "lora_B"}
 
@@ -439,12 +439,6 @@ def prune(model: nn.Module, patterns: dict[str, list[bool]]) -> None:
         if path in patterns:
             a.mask.copy_(torch.tensor(patterns[path]))
             a.apply_mask()
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 FILE_CASES = {

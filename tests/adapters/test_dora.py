@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 import loraredux as lx
 from loraredux.adapters import DoRA
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import logits, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def randomized(a: DoRA, seed: int = 0) -> DoRA:
@@ -219,15 +219,6 @@ def test_training_with_dropout_equals_peft():
     assert not torch.allclose(ours(x), y_ours)  # the dropout mask matters
 
 
-def _inputs() -> torch.Tensor:
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-def _logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=_inputs()).logits
-
-
 @torch.no_grad()
 def _randomize(params) -> None:
     g = torch.Generator().manual_seed(2)
@@ -256,12 +247,12 @@ def test_files_both_ways_with_peft(name: str, tmp_path: Path) -> None:
         modules_to_save=saved,
     )
     _randomize(lx.trainable_parameters(model).values())
-    expected = _logits(model)
+    expected = logits(model)
     with lx.disabled(model):
-        assert not torch.allclose(_logits(model), expected)
+        assert not torch.allclose(logits(model), expected)
     lx.save_adapter(model, tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
-    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-10, atol=1e-10)
 
     # PEFT -> loraredux
     config = peft.LoraConfig(
@@ -278,7 +269,7 @@ def test_files_both_ways_with_peft(name: str, tmp_path: Path) -> None:
     peft_model.save_pretrained(tmp_path / "theirs")
     ours = lx.load_adapter(make(), tmp_path / "theirs")
     assert {type(a) for _, a in lx.adapters(ours)} == {DoRA}
-    torch.testing.assert_close(_logits(ours), _logits(peft_model), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logits(ours), logits(peft_model), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parity

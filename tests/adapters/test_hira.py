@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 import loraredux as lx
 from loraredux.adapters.hira import HiRA
-from tiny_models import assert_unchanged, snapshot, tiny_gpt2, tiny_llama
+from tiny_models import assert_unchanged, logits, randomize, snapshot, tiny_gpt2, tiny_llama
 
 
 def randomized(adapter: HiRA, seed: int = 0) -> HiRA:
@@ -216,19 +216,6 @@ FILE_CASES = {
     "llama-embedding": (tiny_llama, ["embed_tokens", "q_proj"], {}),
     "gpt2-conv1d": (tiny_gpt2, ["c_attn", "c_proj"], {}),
 }
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-@torch.no_grad()
-def randomize(parameters: list[nn.Parameter]) -> None:
-    g = torch.Generator().manual_seed(2)
-    for p in parameters:
-        p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 @pytest.mark.parity

@@ -24,7 +24,14 @@ import loraredux as lx
 from loraredux.adapters import LoHa, LoHaConfig
 from loraredux.adapters import loha as loha_module
 from loraredux.adapters.loha import face_split_factors, factorised_is_cheaper
-from tiny_models import assert_unchanged, snapshot, tiny_gpt2, tiny_llama
+from tiny_models import (
+    assert_unchanged,
+    logits,
+    randomize,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 def randomized(adapter: LoHa, seed: int = 0) -> LoHa:
@@ -296,22 +303,6 @@ def test_embedding_looks_up_the_adapted_table():
 
 
 # ------------------------------------------------------------------------------------------- files
-
-
-def inputs() -> torch.Tensor:
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=inputs()).logits
-
-
-@torch.no_grad()
-def randomize(parameters: list[nn.Parameter]) -> None:
-    g = torch.Generator().manual_seed(2)
-    for p in parameters:
-        p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

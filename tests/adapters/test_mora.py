@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 import loraredux as lx
 from loraredux.adapters.mora import MoRA, rope_tables, rotate, square_size
-from tiny_models import assert_unchanged, snapshot, tiny_gpt2, tiny_llama
+from tiny_models import assert_unchanged, logits, randomize, snapshot, tiny_gpt2, tiny_llama
 
 KINDS = ["truncation", "sharing", "rotation"]
 F64 = torch.float64
@@ -316,18 +316,6 @@ def test_conv1d_uses_the_transposed_weight(kind):
 
 
 @torch.no_grad()
-def randomize(model: nn.Module, seed: int = 2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in lx.trainable_parameters(model).values():
-        p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_equivalence(kind):
     model = lx.adapt_(

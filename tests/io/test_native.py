@@ -12,20 +12,7 @@ import torch
 
 import loraredux as lx
 from loraredux import core
-from tiny_models import tiny_bert, tiny_llama
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module) -> None:
-    generator = torch.Generator().manual_seed(2)
-    for p in lx.trainable_parameters(model).values():
-        p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+from tiny_models import logits, randomize, tiny_bert, tiny_llama
 
 
 def assert_same_adapter(a: torch.nn.Module, b: torch.nn.Module) -> None:

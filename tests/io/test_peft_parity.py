@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import loraredux as lx
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import logits, randomize, tiny_bert, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.parity
 
@@ -84,23 +84,6 @@ CASES = {
     "gpt2-all-linear": Case(tiny_gpt2, "all-linear", rslora=True),
     "gpt2-tied-embedding": Case(tiny_gpt2, ["wte", "c_attn"]),
 }
-
-
-def inputs() -> torch.Tensor:
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=inputs()).logits
-
-
-@torch.no_grad()
-def randomize(parameters: list[torch.nn.Parameter]) -> None:
-    """Nonzero adapter weights (B starts at 0), so that a wrong load cannot pass."""
-    generator = torch.Generator().manual_seed(2)
-    for p in parameters:
-        p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -22,7 +22,6 @@ Where each detail was confirmed:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Adapter, AdapterConfig, accumulate_, register
+from .lora import peft_init_
 
 __all__ = ["HiRA", "HiRAConfig"]
 
@@ -54,18 +54,9 @@ class HiRA(Adapter):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's default initialisation (see the module docstring)."""
-        if self.view.kind == "embedding":
-            nn.init.zeros_(self.A)
-            nn.init.normal_(self.B)
-            return
-        if self.config.init == "gaussian":
-            nn.init.normal_(self.A, std=1.0 / self.config.rank)
-        else:
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+        """PEFT's default initialisation, LoRA's (see the module docstring)."""
+        peft_init_(self.A, self.B, self.view.kind, self.config.init)
 
     def delta_weight(self) -> Tensor:
         """ΔW = W0 ⊙ (B A), shape (out, in)."""

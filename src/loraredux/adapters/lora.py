@@ -21,9 +21,32 @@ from torch import Tensor, nn
 
 from ..core import Adapter, AdapterConfig, accumulate_, register
 
-__all__ = ["LoRA", "LoRAConfig"]
+__all__ = ["LoRA", "LoRAConfig", "peft_init_"]
 
 _INITS = ("kaiming", "gaussian")
+
+
+@torch.no_grad()
+def peft_init_(A: Tensor, B: Tensor, kind: str, init: str) -> None:
+    """PEFT's initialisation of a factor pair, in place: A Kaiming-uniform with a = sqrt(5) (`init="kaiming"`) or
+    N(0, 1/r^2) (`"gaussian"`) and B = 0, so B A = 0; for an embedding base (`kind="embedding"`) A = 0 and
+    B ~ N(0, 1), as PEFT swaps the roles there.
+
+    Args:
+        A: (r, in).
+        B: (out, r).
+        kind: the base view's kind (`BaseView.kind`).
+        init: "kaiming" or "gaussian".
+    """
+    if kind == "embedding":
+        nn.init.zeros_(A)
+        nn.init.normal_(B)
+        return
+    if init == "gaussian":
+        nn.init.normal_(A, std=1.0 / A.shape[0])
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    nn.init.zeros_(B)
 
 
 class LoRA(Adapter):
@@ -39,18 +62,9 @@ class LoRA(Adapter):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
         """PEFT's default initialisation (see the module docstring)."""
-        if self.view.kind == "embedding":
-            nn.init.zeros_(self.A)
-            nn.init.normal_(self.B)
-            return
-        if self.config.init == "gaussian":
-            nn.init.normal_(self.A, std=1.0 / self.config.rank)
-        else:
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+        peft_init_(self.A, self.B, self.view.kind, self.config.init)
 
     def effective_weight(self) -> Tensor:
         return self.base_weight() + self.scale * (self.B @ self.A)  # (out, in)
