@@ -116,3 +116,15 @@ def randomize(target: torch.nn.Module | Iterable[torch.Tensor], seed: int = 2) -
     generator = torch.Generator().manual_seed(seed)
     for p in params:
         p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def assert_same_adapter(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same adapter state (keys, dtypes and values, exactly), the same layer configs and the same logits."""
+    state_a, state_b = lx.adapter_state_dict(a), lx.adapter_state_dict(b)
+    assert list(state_a) == list(state_b)
+    for key in state_a:
+        assert state_a[key].dtype == state_b[key].dtype and torch.equal(
+            state_a[key], state_b[key]
+        ), key
+    assert {p: m.config for p, m in lx.adapters(a)} == {p: m.config for p, m in lx.adapters(b)}
+    torch.testing.assert_close(logits(a), logits(b), rtol=0, atol=0)

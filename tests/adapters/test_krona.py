@@ -18,7 +18,15 @@ from transformers.pytorch_utils import Conv1D
 
 import loraredux as lx
 from loraredux.adapters.krona import KronA, balanced_factor, kron_matvec
-from tiny_models import assert_unchanged, logits, randomize, snapshot, tiny_gpt2, tiny_llama
+from tiny_models import (
+    assert_same_adapter,
+    assert_unchanged,
+    logits,
+    randomize,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 F64 = torch.float64
 
@@ -221,11 +229,5 @@ def test_native_save_and_load_are_exact(factory, targets, fields, tmp_path: Path
 
     loaded = lx.load_adapter(factory(), tmp_path)
 
-    state, state_loaded = lx.adapter_state_dict(model), lx.adapter_state_dict(loaded)
-    assert list(state) == list(state_loaded)
-    assert all(torch.equal(state[k], state_loaded[k]) for k in state)
-    assert {p: a.config for p, a in lx.adapters(model)} == {
-        p: a.config for p, a in lx.adapters(loaded)
-    }
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    assert_same_adapter(loaded, model)
     assert not torch.allclose(logits(factory()), logits(loaded))

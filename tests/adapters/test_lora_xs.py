@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import loraredux as lx
 from loraredux.adapters import LoRAXS, LoRAXSConfig
 from loraredux.adapters.lora_xs import top_singular_factors
-from tiny_models import assert_unchanged, snapshot, tiny_llama
+from tiny_models import assert_same_adapter, assert_unchanged, logits, snapshot, tiny_llama
 
 
 def randomized(adapter: LoRAXS, seed: int = 0) -> LoRAXS:
@@ -141,16 +141,10 @@ def test_native_save_and_load_restore_the_frozen_factors_exactly(tmp_path):
     assert lx.save_adapter(model, tmp_path) == tmp_path  # "auto": LoRA-XS has no PEFT form
     assert '"format": "loraredux"' in (tmp_path / "adapter_config.json").read_text()
     loaded = lx.load_adapter(tiny_llama(), tmp_path)
-    saved, restored = lx.adapter_state_dict(model), lx.adapter_state_dict(loaded)
-    assert set(saved) == set(restored) and any(k.endswith(".A") for k in saved)
-    for key in saved:
-        assert torch.equal(saved[key], restored[key]), key
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    assert any(k.endswith(".A") for k in lx.adapter_state_dict(model))
+    assert_same_adapter(loaded, model)
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
-        )
         fresh = lx.adapt_(tiny_llama(), lx.config("lora_xs", rank=4, alpha=8), ["q_proj", "v_proj"])
         for (_, a), (_, f) in zip(lx.adapters(loaded), lx.adapters(fresh), strict=True):
             f.R.copy_(a.R)  # same core, recomputed factors: the flipped signs change the output
-        assert not torch.allclose(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert not torch.allclose(logits(fresh), logits(model))

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 import loraredux as lx
 from loraredux.adapters import PoLAR, PoLARConfig
 from loraredux.adapters.polar import landing_, landing_field, landing_potential, skew, stable_rank
-from tiny_models import assert_unchanged, snapshot, tiny_llama
+from tiny_models import assert_same_adapter, assert_unchanged, snapshot, tiny_llama
 
 
 def randomized(adapter: PoLAR, seed: int = 0) -> PoLAR:
@@ -252,12 +252,5 @@ def test_native_save_and_load_restore_exactly(tmp_path):
         randomized(a, seed=3)
     assert lx.save_adapter(model, tmp_path) == tmp_path  # "auto": PoLAR has no PEFT form
     loaded = lx.load_adapter(tiny_llama(), tmp_path)
-    saved, restored = lx.adapter_state_dict(model), lx.adapter_state_dict(loaded)
-    assert set(saved) == set(restored) and any(k.endswith(".Theta") for k in saved)
-    for key in saved:
-        assert torch.equal(saved[key], restored[key]), key
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
-        )
+    assert any(k.endswith(".Theta") for k in lx.adapter_state_dict(model))
+    assert_same_adapter(loaded, model)

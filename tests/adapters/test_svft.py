@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import loraredux as lx
 from loraredux.adapters import SVFT, SVFTConfig
 from loraredux.adapters.svft import pattern_indices, pattern_size
-from tiny_models import assert_unchanged, snapshot, tiny_llama
+from tiny_models import assert_same_adapter, assert_unchanged, snapshot, tiny_llama
 
 PATTERNS = ["plain", "banded", "random", "top_k"]
 
@@ -214,12 +214,5 @@ def test_native_save_and_load_restore_bases_and_pattern_exactly(pattern, tmp_pat
             a.V[:, 1].neg_()
     assert lx.save_adapter(model, tmp_path) == tmp_path  # "auto": SVFT has no PEFT form
     loaded = lx.load_adapter(tiny_llama(), tmp_path)
-    saved, restored = lx.adapter_state_dict(model), lx.adapter_state_dict(loaded)
-    assert set(saved) == set(restored) and any(k.endswith(".rows") for k in saved)
-    for key in saved:
-        assert saved[key].dtype == restored[key].dtype and torch.equal(saved[key], restored[key])
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
-        )
+    assert any(k.endswith(".rows") for k in lx.adapter_state_dict(model))
+    assert_same_adapter(loaded, model)

@@ -12,17 +12,7 @@ import torch
 
 import loraredux as lx
 from loraredux import core
-from tiny_models import logits, randomize, tiny_bert, tiny_llama
-
-
-def assert_same_adapter(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    state_a, state_b = lx.adapter_state_dict(a), lx.adapter_state_dict(b)
-    assert list(state_a) == list(state_b)
-    for key in state_a:
-        assert torch.equal(state_a[key], state_b[key]), key
-    assert {p: m.config for p, m in lx.adapters(a)} == {p: m.config for p, m in lx.adapters(b)}
-    torch.testing.assert_close(logits(a), logits(b), rtol=0, atol=0)
-
+from tiny_models import assert_same_adapter, logits, randomize, tiny_bert, tiny_llama
 
 ADAPTS = {
     "llama-patterns-embedding": (
