@@ -26,9 +26,9 @@ Names and defaults as PEFT's AdaLoraConfig: init_r = 12, target_r = 8 (average r
 tinit = tfinal = 0, deltaT = 1, β1 = β2 = 0.85, orth_reg_weight = 0.5, total_step required to train.
 
 The rank allocator is an object stepped for you: `AdaLoRAConfig.build_layers` gives all layers of one `adapt_` call
-one `RankAllocator` (a submodule of each layer, so it appears once in `model.modules()`), and `lx.train.fit` calls its
-`on_optimizer_step(step)` after every optimizer step. A hand-written loop calls `allocator(model).update_and_allocate
-(step)` after `optimizer.step()` and before `zero_grad()`. Its state lives in the layers' persistent buffers (the
+one `RankAllocator` (`adalora_allocator.py`; a submodule of each layer, so it appears once in `model.modules()`),
+and `lx.train.fit` calls its `on_optimizer_step(step)` after every optimizer step. A hand-written loop calls
+`allocator(model).update_and_allocate(step)` after `optimizer.step()` and before `zero_grad()`. Its state lives in the layers' persistent buffers (the
 EMAs and the triplet mask), so checkpoints and native files hold it and a resumed run is exact. Pruned triplets stay
 in the tensors (λ = 0); the PEFT file drops them and records PEFT's `rank_pattern` of masks, as PEFT does.
 """
@@ -44,10 +44,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, AdapterConfig, accumulate_, check_tensors, register
+from .adalora_allocator import FACTORS as _FACTORS
+from .adalora_allocator import RankAllocator, allocator
 
 __all__ = ["AdaLoRA", "AdaLoRAConfig", "RankAllocator", "allocator"]
 
-_FACTORS = ("A", "E", "B")
 _PEFT_NAMES = {"A": "lora_A", "E": "lora_E", "B": "lora_B"}
 
 
@@ -200,121 +201,6 @@ class AdaLoRA(Adapter):
         self.A[keep] = values["lora_A"].to(self.A.dtype)
         self.E[keep] = values["lora_E"].to(self.E.dtype)
         self.B[:, keep] = values["lora_B"].to(self.B.dtype)
-
-
-class RankAllocator(nn.Module):
-    """The budget schedule and the pruning of one group of AdaLoRA layers (PEFT's RankAllocator).
-
-    An `nn.Module` with no parameters or buffers of its own, set on every layer of the group, so `model.modules()`
-    yields it once and `lx.train.fit` calls `on_optimizer_step(step)` after each optimizer step. The layers are held
-    in a plain list (not submodules); their buffers hold the state.
-    """
-
-    def __init__(self, config: AdaLoRAConfig, layers: Mapping[str, AdaLoRA]) -> None:
-        super().__init__()
-        self.config = config
-        self.names = list(layers)  # plain lists: the layers are not submodules of the allocator
-        self.layers = list(layers.values())
-        self.init_bgt = sum(layer.config.init_r for layer in self.layers)  # b0: all triplets
-        self.target_bgt = config.target_r * len(self.layers)  # b_T
-
-    def extra_repr(self) -> str:
-        return f"layers={len(self.layers)}, budget {self.init_bgt} -> {self.target_bgt}"
-
-    def ranks(self) -> dict[str, int]:
-        """{layer path: triplets kept}."""
-        return {name: layer.rank for name, layer in zip(self.names, self.layers, strict=True)}
-
-    def _total_step(self) -> int:
-        if self.config.total_step is None:
-            raise ValueError(
-                "adalora: total_step is None, but the rank budget schedule runs over the number of training "
-                "steps: set it in the config, e.g. lx.config('adalora', ..., total_step=TrainConfig.steps)"
-            )
-        return self.config.total_step
-
-    def budget_schedule(self, step: int) -> tuple[int, bool]:
-        """(total budget b(step), whether to mask at this step): warmup, cubic decrease, final phase."""
-        c, total = self.config, self._total_step()
-        if step <= c.tinit:
-            return self.init_bgt, False
-        if step > total - c.tfinal:
-            return self.target_bgt, True
-        mul_coeff = 1 - (step - c.tinit) / (total - c.tfinal - c.tinit)
-        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff**3) + self.target_bgt)
-        return budget, step % c.deltaT == 0
-
-    def on_optimizer_step(self, step: int) -> None:
-        """`lx.train.fit`'s hook, after `optimizer.step()` while the gradients are still there."""
-        self.update_and_allocate(step)
-
-    @torch.no_grad()
-    def update_and_allocate(self, step: int) -> None:
-        """Update the importance EMAs and prune to the budget of `step` (1-based optimizer steps done).
-
-        Call after `optimizer.step()` and before `zero_grad()`. Before T - t_final: update Ī, Ū and mask every
-        ΔT steps; at T - t_final: mask to b_T and reset the EMAs; after it: keep the final mask (λ = 0 again).
-
-        Raises:
-            ValueError: total_step is None, or a layer's parameter has no gradient.
-        """
-        end = self._total_step() - self.config.tfinal
-        if self.target_bgt > self.init_bgt:
-            raise ValueError(
-                f"adalora: target_r={self.config.target_r} exceeds init_r={self.config.init_r}: the budget "
-                "can only shrink (set target_r <= init_r)"
-            )
-        if step < end:
-            missing = [
-                f"{path}.{n}"
-                for path, layer in zip(self.names, self.layers, strict=True)
-                for n in _FACTORS
-                if getattr(layer, n).grad is None
-            ]
-            if missing:
-                raise ValueError(
-                    f"adalora: no gradient for {missing}; step the allocator after backward() and "
-                    "optimizer.step(), before zero_grad()"
-                )
-            for layer in self.layers:
-                layer.update_importance(self.config.beta1, self.config.beta2)
-            budget, mask_now = self.budget_schedule(step)
-            if mask_now:
-                self._mask_to_budget(budget)
-        elif step == end:  # PEFT's force_mask: fix the final pattern, forget the scores
-            self._mask_to_budget(self.budget_schedule(step)[0])
-            for layer in self.layers:
-                layer.reset_importance()
-        else:
-            for layer in self.layers:
-                layer.apply_mask()
-
-    def _mask_to_budget(self, budget: int) -> None:
-        scores = [layer.triplet_scores() for layer in self.layers]
-        k = self.init_bgt - budget
-        if k <= 0:  # the budget holds every triplet (PEFT's kthvalue would fail on k = 0)
-            threshold = -math.inf
-        else:
-            device = scores[0].device
-            threshold = torch.kthvalue(torch.cat([s.to(device) for s in scores]), k)[0].item()
-        for layer, score in zip(self.layers, scores, strict=True):
-            layer.mask.copy_(~(score <= threshold))
-            layer.apply_mask()
-
-
-def allocator(model: nn.Module) -> RankAllocator:
-    """The AdaLoRA rank allocator of `model` (for a hand-written loop: `allocator(model).update_and_allocate(step)`).
-
-    Raises:
-        ValueError: the model has no AdaLoRA layers, or several groups (one per `adapt_` call).
-    """
-    found = [m for m in model.modules() if isinstance(m, RankAllocator)]
-    if len(found) != 1:
-        raise ValueError(
-            f"{type(model).__name__} has {len(found)} AdaLoRA rank allocators (one per lx.adapt_ call with "
-            "adalora); expected exactly one"
-        )
-    return found[0]
 
 
 @register("adalora")
