@@ -28,8 +28,9 @@ tinit = tfinal = 0, deltaT = 1, β1 = β2 = 0.85, orth_reg_weight = 0.5, total_s
 The rank allocator is an object stepped for you: `AdaLoRAConfig.build_layers` gives all layers of one `adapt_` call
 one `RankAllocator` (`adalora_allocator.py`; a submodule of each layer, so it appears once in `model.modules()`),
 and `lx.train.fit` calls its `on_optimizer_step(step)` after every optimizer step. A hand-written loop calls
-`allocator(model).update_and_allocate(step)` after `optimizer.step()` and before `zero_grad()`. Its state lives in the layers' persistent buffers (the
-EMAs and the triplet mask), so checkpoints and native files hold it and a resumed run is exact. Pruned triplets stay
+`allocator(model).update_and_allocate(step)` after `optimizer.step()` and before `zero_grad()`. Its state lives in
+the layers' persistent buffers (the EMAs and the triplet mask), so checkpoints and native files hold it and a resumed
+run is exact. Pruned triplets stay
 in the tensors (λ = 0); the PEFT file drops them and records PEFT's `rank_pattern` of masks, as PEFT does.
 """
 
