@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import (
@@ -128,3 +128,16 @@ def assert_same_adapter(a: torch.nn.Module, b: torch.nn.Module) -> None:
         ), key
     assert {p: m.config for p, m in lx.adapters(a)} == {p: m.config for p, m in lx.adapters(b)}
     torch.testing.assert_close(logits(a), logits(b), rtol=0, atol=0)
+
+
+A = TypeVar("A", bound=torch.nn.Module)
+
+
+@torch.no_grad()
+def randomized(adapter: A, seed: int = 0) -> A:
+    """The adapter with N(0, 1) values in every trainable parameter (so the update is generic, not zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in adapter.parameters():
+        if p.requires_grad:
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return adapter

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .verbs import penalty
+from .verbs import adapters, penalty_of
 
 __all__ = ["TrainConfig", "TrainResult", "epoch_batches", "fit", "lr_factor"]
 
@@ -272,6 +272,9 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, config=config))
     before = [m for m in model.modules() if callable(getattr(m, "before_optimizer_step", None))]
     hooks = [m for m in model.modules() if callable(getattr(m, "on_optimizer_step", None))]
+    layers = [
+        a for _, a in adapters(model)
+    ]  # found once: their penalties join every micro-batch's loss
     if resume:
         history = checkpoint.load(
             root, model, opt, scheduler, dataclasses.asdict(config), _MUST_MATCH
@@ -295,7 +298,7 @@ def fit(
                 loss = loss_fn(model, get_batch((step - 1) * k + j))
                 if loss.ndim != 0:
                     raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-                extra = penalty(model)
+                extra = penalty_of(layers)
                 ((loss if extra is None else loss + extra) / k).backward()
                 low = loss.dtype in (torch.float16, torch.bfloat16)
                 total = total + (

@@ -220,7 +220,12 @@ def penalty(model: nn.Module) -> Tensor | None:
 
     `lx.train.fit` adds it by itself; a hand-written loop adds it to its loss. None when no adapter has one.
     """
-    terms = [t for _, a in adapters(model) if (t := a.penalty()) is not None]
+    return penalty_of([a for _, a in adapters(model)])
+
+
+def penalty_of(layers: Sequence[Adapter]) -> Tensor | None:
+    """The sum of these adapters' regularisers, or None (for a loop that found its adapters once)."""
+    terms = [t for a in layers if (t := a.penalty()) is not None]
     return torch.stack(terms).sum() if terms else None
 
 

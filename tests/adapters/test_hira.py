@@ -21,15 +21,15 @@ from transformers.pytorch_utils import Conv1D
 
 import loraredux as lx
 from loraredux.adapters.hira import HiRA
-from tiny_models import assert_unchanged, logits, randomize, snapshot, tiny_gpt2, tiny_llama
-
-
-def randomized(adapter: HiRA, seed: int = 0) -> HiRA:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        adapter.A.copy_(torch.randn(adapter.A.shape, generator=g, dtype=adapter.A.dtype))
-        adapter.B.copy_(torch.randn(adapter.B.shape, generator=g, dtype=adapter.B.dtype))
-    return adapter
+from tiny_models import (
+    assert_unchanged,
+    logits,
+    randomize,
+    randomized,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 def numerical_rank(M: torch.Tensor) -> int:

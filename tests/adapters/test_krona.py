@@ -23,20 +23,13 @@ from tiny_models import (
     assert_unchanged,
     logits,
     randomize,
+    randomized,
     snapshot,
     tiny_gpt2,
     tiny_llama,
 )
 
 F64 = torch.float64
-
-
-def randomized(adapter: KronA, seed: int = 0) -> KronA:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (adapter.A, adapter.B):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return adapter
 
 
 def numerical_rank(M: torch.Tensor) -> int:

@@ -28,18 +28,11 @@ from tiny_models import (
     assert_unchanged,
     logits,
     randomize,
+    randomized,
     snapshot,
     tiny_gpt2,
     tiny_llama,
 )
-
-
-def randomized(adapter: LoHa, seed: int = 0) -> LoHa:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.peft_tensors().values():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return adapter
 
 
 def definition(a: LoHa) -> torch.Tensor:

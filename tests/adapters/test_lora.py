@@ -11,14 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import loraredux as lx
-
-
-def randomized(adapter: lx.LoRA, seed: int = 0) -> lx.LoRA:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        adapter.A.copy_(torch.randn(adapter.A.shape, generator=g, dtype=adapter.A.dtype))
-        adapter.B.copy_(torch.randn(adapter.B.shape, generator=g, dtype=adapter.B.dtype))
-    return adapter
+from tiny_models import randomized
 
 
 @pytest.mark.parametrize(("rslora", "expected"), [(False, 12.0 / 4), (True, 12.0 / 2)])

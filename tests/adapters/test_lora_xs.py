@@ -14,14 +14,14 @@ from transformers.pytorch_utils import Conv1D
 import loraredux as lx
 from loraredux.adapters import LoRAXS, LoRAXSConfig
 from loraredux.adapters.lora_xs import top_singular_factors
-from tiny_models import assert_same_adapter, assert_unchanged, logits, snapshot, tiny_llama
-
-
-def randomized(adapter: LoRAXS, seed: int = 0) -> LoRAXS:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        adapter.R.copy_(torch.randn(adapter.R.shape, generator=g, dtype=adapter.R.dtype))
-    return adapter
+from tiny_models import (
+    assert_same_adapter,
+    assert_unchanged,
+    logits,
+    randomized,
+    snapshot,
+    tiny_llama,
+)
 
 
 def test_frozen_factors_are_the_truncated_svd_with_sigma_on_the_input_side():

@@ -12,16 +12,9 @@ from transformers.pytorch_utils import Conv1D
 import loraredux as lx
 from loraredux.adapters import SVFT, SVFTConfig
 from loraredux.adapters.svft import pattern_indices, pattern_size
-from tiny_models import assert_same_adapter, assert_unchanged, snapshot, tiny_llama
+from tiny_models import assert_same_adapter, assert_unchanged, randomized, snapshot, tiny_llama
 
 PATTERNS = ["plain", "banded", "random", "top_k"]
-
-
-def randomized(adapter: SVFT, seed: int = 0) -> SVFT:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        adapter.values.copy_(torch.randn(adapter.values.shape, generator=g, dtype=torch.float64))
-    return adapter
 
 
 def svft(base: nn.Module, **fields) -> SVFT:
