@@ -24,6 +24,7 @@ __all__ = [
     "load_adapter_state_dict",
     "merge_",
     "penalty",
+    "penalty_of",
     "saved_modules",
     "trainable_parameters",
     "unadapt_",
