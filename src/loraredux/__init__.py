@@ -4,7 +4,7 @@ import loraredux as lx
 lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj"])
 """
 
-from . import assets, train
+from . import assets, init, train
 from .adapters import LoRA, LoRAConfig
 from .core import (
     Adapter,
@@ -45,6 +45,7 @@ __all__ = [
     "config",
     "config_from_dict",
     "disabled",
+    "init",
     "load_adapter",
     "load_adapter_state_dict",
     "merge_",

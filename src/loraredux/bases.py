@@ -68,6 +68,20 @@ class BaseView:
         """A plain module of the base's type carrying `weight` (out, in) and the base's bias."""
         raise NotImplementedError
 
+    def _stored(self, weight: Tensor) -> Tensor:
+        """`weight` (out, in) in the module's own storage layout."""
+        return weight
+
+    def set_weight(self, weight: Tensor) -> None:
+        """Make `weight` (out, in) the module's weight, as a new frozen parameter of the old one's dtype.
+
+        The old parameter object is not written to, so anything else holding it (a tied module, the user's own
+        reference) keeps its values.
+        """
+        old = self.module.weight
+        new = self._stored(weight.detach()).to(old.dtype).contiguous()
+        self.module.weight = nn.Parameter(new, requires_grad=False)
+
 
 def _clone_with(module: nn.Module, **tensors: Tensor) -> nn.Module:
     """A copy of `module` whose named parameters are replaced, without copying the old ones first."""
@@ -107,6 +121,9 @@ class TransposedLinearView(BaseView):
     def rebuilt(self, weight: Tensor) -> nn.Module:
         return _clone_with(self.module, weight=weight.T.contiguous())
 
+    def _stored(self, weight: Tensor) -> Tensor:
+        return weight.T
+
 
 class EmbeddingView(BaseView):
     """`nn.Embedding` as the linear map one_hot(id) -> table[id]: W0 = table^T, shape (dim, num_embeddings)."""
@@ -136,6 +153,9 @@ class EmbeddingView(BaseView):
 
     def rebuilt(self, weight: Tensor) -> nn.Module:
         return _clone_with(self.module, weight=weight.T.contiguous())
+
+    def _stored(self, weight: Tensor) -> Tensor:
+        return weight.T
 
 
 def is_adaptable(module: nn.Module) -> bool:

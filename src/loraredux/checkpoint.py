@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import check_tensors
-from .verbs import adapter_state_dict
+from .verbs import adapter_state_dict, adapters
 
 __all__ = ["load", "rng_state", "save", "set_rng_state"]
 
@@ -202,9 +202,14 @@ def load(
     sd = _unflatten_optimizer(opt_tensors, state["optimizer"], optimizer.state_dict())
     optimizer.load_state_dict(sd)
     scheduler.load_state_dict(state["scheduler"])
+    layers = [a for _, a in adapters(model)]
+    for adapter in layers:
+        adapter.before_load_()
     with torch.no_grad():
         for key, value in weights.items():
             own[key].copy_(value)
+    for adapter in layers:  # derived state, e.g. a base moved by the initial factors
+        adapter.after_load_()
     set_rng_state({f"rng.{k}": v for k, v in part["rng"].items()}, state["rng"])
     logger.info("resumed from %s at step %d", path, state["step"])
     return state["history"]

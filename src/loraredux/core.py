@@ -32,6 +32,7 @@ __all__ = [
     "config",
     "config_class",
     "config_from_dict",
+    "deferring_base_changes",
     "initialising",
     "register",
     "skip_initialisation",
@@ -39,6 +40,7 @@ __all__ = [
 
 _REGISTRY: dict[str, type[AdapterConfig]] = {}
 _INITIALISE: contextvars.ContextVar[bool] = contextvars.ContextVar("loraredux_init", default=True)
+_DEFER_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("loraredux_defer", default=False)
 
 
 def initialising() -> bool:
@@ -62,6 +64,18 @@ def skip_initialisation() -> Iterator[None]:
         yield
     finally:
         _INITIALISE.reset(token)
+
+
+@contextlib.contextmanager
+def deferring_base_changes() -> Iterator[None]:
+    """Within the block, an adapter whose initialisation moves its base weight (PiSSA's residual, ...) only records
+    the new weight; `Adapter.commit_base_()` applies it. `lx.adapt_` builds every layer this way, so a failure in
+    any layer leaves the model's weights untouched."""
+    token = _DEFER_BASE.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_BASE.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -241,8 +255,38 @@ class Adapter(nn.Module):
         return self.view.out_features
 
     def base_weight(self) -> Tensor:
-        """W0 as (out, in)."""
-        return self.view.weight()
+        """W0 as (out, in): the frozen base weight the adapter computes on (a pending new one, see
+        `replace_base_weight_`, once set)."""
+        pending = self.__dict__.get("_pending_base")
+        return self.view.weight() if pending is None else pending
+
+    def replace_base_weight_(self, weight: Tensor) -> None:
+        """Make `weight` (out, in) the frozen base weight, for initialisations that move the base.
+
+        The base layer gets a new parameter (the old tensor is not written to); under `deferring_base_changes`
+        (inside `lx.adapt_`) the change waits for `commit_base_()`, and `base_weight()` already returns it.
+        """
+        self.__dict__["_pending_base"] = weight.detach()
+        if not _DEFER_BASE.get():
+            self.commit_base_()
+
+    def commit_base_(self) -> None:
+        """Apply a pending base weight (see `replace_base_weight_`); nothing when none is pending."""
+        pending = self.__dict__.pop("_pending_base", None)
+        if pending is not None:
+            self.view.set_weight(pending)
+
+    def released(self) -> nn.Module:
+        """The base layer as it was before adaptation (`lx.unadapt_` puts it back). Methods whose initialisation
+        moved the base weight restore it here."""
+        return self.base
+
+    def before_load_(self) -> None:
+        """Called before saved tensors are copied into an adapter that is already in use (`load_adapter_state_dict`)."""
+
+    def after_load_(self) -> None:
+        """Called after saved tensors were copied in (by `lx.load_adapter` and `load_adapter_state_dict`), for
+        state derived from them (e.g. a base weight moved by the initial factors)."""
 
     # -- the spec and the fast path --------------------------------------------------------------------
     def effective_weight(self) -> Tensor:

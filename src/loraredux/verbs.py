@@ -8,12 +8,14 @@ parameter-name prefixes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .core import Adapter, AdapterConfig, SavedModule, skip_initialisation
+from . import init as inits
+from .core import Adapter, AdapterConfig, SavedModule, deferring_base_changes, skip_initialisation
 from .targets import TargetSpec, check_pattern, pattern_value, select
 
 __all__ = [
@@ -84,6 +86,9 @@ def adapt_(
     modules_to_save: Sequence[str] | None = None,
     prepare: Callable[[dict[str, Adapter], dict[str, SavedModule]], None] | None = None,
     init: bool = True,
+    calibration: Iterable[Any] | None = None,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+    calibration_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Adapt `model` in place: wrap each target layer in the method's adapter and freeze everything else.
 
@@ -100,12 +105,18 @@ def adapt_(
         init: False builds the adapters without their initial values, which then hold arbitrary numbers until
             loaded (`lx.load_adapter_state_dict`, or `prepare`): for loading saved weights, so that methods with
             a costly initialisation (an SVD of W0: LoRA-XS, SVFT, ABBA) skip it.
+        calibration: batches for a data-aware `config.init` (LoRA-GA, LoRA-One, EVA, CorDA): the model is run on
+            them before any layer changes, one target layer's statistics at a time where memory needs it.
+        loss_fn: `(model, batch) -> scalar loss` for gradient-based inits (as `lx.train.fit` takes it); default
+            `model(**batch).loss`.
+        calibration_options: keyword options of `lx.init.gather` (`max_grad_bytes`, `progress`).
 
     Returns:
         The same model, adapted.
 
     Raises:
-        ValueError / TypeError: bad targets, patterns or config for a layer; the model is left unchanged.
+        ValueError / TypeError: bad targets, patterns or config for a layer, or a data-aware init without
+            calibration batches; the model is left unchanged.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(
@@ -115,9 +126,14 @@ def adapt_(
     check_pattern("alpha_pattern", alpha_pattern)
     saved_paths = _normalise_saved(model, modules_to_save)
     paths = select(model, targets, exclude, skip=saved_paths)
+    data, ranks = _calibrate(model, config, paths, init, calibration, loss_fn, calibration_options)
     plan: dict[str, tuple[nn.Module, AdapterConfig]] = {}
     for path in paths:
         rank, alpha = pattern_value(path, rank_pattern), pattern_value(path, alpha_pattern)
+        if ranks is not None:
+            rank = ranks[path]
+            if rank == 0:
+                continue  # the init's rank allocation gave this layer nothing
         try:
             plan[path] = (model.get_submodule(path), config.for_layer(rank=rank, alpha=alpha))
         except ValueError as err:
@@ -126,7 +142,11 @@ def adapt_(
     # Build on the side: the model is not touched until everything has succeeded.
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        with contextlib.nullcontext() if init else skip_initialisation():
+        with (
+            contextlib.nullcontext() if init else skip_initialisation(),
+            inits.calibration_data(data),
+            deferring_base_changes(),
+        ):
             built = config.build_layers(plan)
         saved = {p: SavedModule(model.get_submodule(p)) for p in saved_paths}
         if prepare is not None:
@@ -150,6 +170,9 @@ def adapt_(
         adapter.train(
             adapter.base.training
         )  # a model in eval mode stays in eval mode (dropout off)
+        old = dict(adapter.base.named_parameters())
+        adapter.commit_base_()  # an init that moves the base weight (PiSSA, ...) applies it now
+        _track_replaced(record, old, adapter.base)
         _replace(model, path, adapter)
     for path, module in saved.items():
         _replace(model, path, module)
@@ -157,6 +180,58 @@ def adapt_(
         if id(p) not in adapter_params:
             p.requires_grad_(False)
     return model
+
+
+def _calibrate(
+    model: nn.Module,
+    config: AdapterConfig,
+    paths: list[str],
+    init: bool,
+    calibration: Iterable[Any] | None,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None,
+    options: Mapping[str, Any] | None,
+) -> tuple[dict[nn.Module, inits.LayerData], dict[str, int] | None]:
+    """The calibration statistics of the target layers and the init's rank allocation, if the init needs them."""
+    name = getattr(config, "init", None)
+    spec = inits.get(name) if init and isinstance(name, str) and name in inits.available() else None
+    if spec is None or not spec.needs:
+        if calibration is not None or loss_fn is not None:
+            raise ValueError(
+                f"calibration / loss_fn were given, but {config.method}'s init {name!r} uses no data"
+            )
+        return {}, None
+    if calibration is None:
+        raise ValueError(
+            f"init {name!r} estimates its subspace from data ({', '.join(sorted(spec.needs))}): pass "
+            "lx.adapt_(..., calibration=batches, loss_fn=fn) with a few training batches"
+        )
+    modules = {path: model.get_submodule(path) for path in paths}
+    stats = inits.gather(model, modules, spec.needs, calibration, loss_fn, **dict(options or {}))
+    ranks = None
+    if spec.allocate is not None:
+        weights = {p: _weight_of(m) for p, m in modules.items()}
+        opts = spec.check_options(getattr(config, "init_options", {}) or {})
+        ranks = spec.allocate(weights, stats, config.rank, **opts)
+    return {modules[p]: d for p, d in stats.items()}, ranks
+
+
+def _weight_of(module: nn.Module) -> Tensor:
+    """W0 (out, in) of a base layer, detached."""
+    from .bases import view_of
+
+    return view_of(module).weight().detach()
+
+
+def _track_replaced(
+    record: list[tuple[nn.Parameter, bool]], old: dict[str, nn.Parameter], module: nn.Module
+) -> None:
+    """Where a base layer got a new parameter object (a moved base weight), the new one inherits the old one's
+    recorded requires_grad flag, so `unadapt_` restores it too."""
+    flags = {id(p): flag for p, flag in record}
+    for name, new in module.named_parameters():
+        before = old.get(name)
+        if before is not None and before is not new and id(before) in flags:
+            record.append((new, flags[id(before)]))
 
 
 def _restore_flags(model: nn.Module) -> None:
@@ -189,8 +264,11 @@ def unadapt_(model: nn.Module) -> nn.Module:
     saved = list(saved_modules(model))
     if not layers and not saved:
         raise ValueError(f"{type(model).__name__} has no adapter to remove")
+    record = getattr(model, _FROZEN_ATTR, [])
     for path, adapter in layers:
-        _replace(model, path, adapter.base)
+        old = dict(adapter.base.named_parameters())
+        _replace(model, path, adapter.released())
+        _track_replaced(record, old, adapter.base)
     for path, module in saved:
         _replace(model, path, module.original)
     _restore_flags(model)
@@ -265,6 +343,11 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
             f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}, "
             f"shape mismatches {wrong[:10]}"
         )
+    layers = [a for _, a in adapters(model)]
+    for adapter in layers:
+        adapter.before_load_()
     with torch.no_grad():
         for key, value in own.items():
             value.copy_(state[key])
+    for adapter in layers:
+        adapter.after_load_()

@@ -36,7 +36,11 @@ Format = Literal["auto", "peft", "native"]
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike[str], *, format: Format = "auto"
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    format: Format = "auto",
+    convert_to_lora: bool = True,
 ) -> Path:
     """Write the model's adapters (and modules to save) to `directory`, atomically.
 
@@ -46,6 +50,12 @@ def save_adapter(
             and other files are left alone.
         format: `"peft"` (PEFT's format, loadable by `peft.PeftModel.from_pretrained`), `"native"` (loraredux's
             format, for any method) or `"auto"` (PEFT's where every adapter has a PEFT form, else native).
+        convert_to_lora: in PEFT's format, an adapter whose init moved the base weight (PiSSA, MiLoRA, OLoRA,
+            LoRA-GA, CorDA) is written as the plain rank-2r LoRA that gives the same model on the original base,
+            so PEFT, vLLM and others load it on the model they have (PEFT's
+            `path_initial_model_for_weight_conversion`). False writes its rank-r factors, right only on the
+            moved base (LoftQ's quantised base needs this). loraredux's own format always stores the initial
+            factors and moves the base again when loading.
 
     Returns:
         The directory.
@@ -58,7 +68,10 @@ def save_adapter(
         raise ValueError(f"format must be 'auto', 'peft' or 'native', got {format!r}")
     if format == "auto":
         format = "peft" if peft.supports(model) else "native"
-    config, tensors = (peft if format == "peft" else native).to_files(model)
+    if format == "peft":
+        config, tensors = peft.to_files(model, convert=convert_to_lora)
+    else:
+        config, tensors = native.to_files(model)
     return write_adapter(directory, config, tensors)
 
 

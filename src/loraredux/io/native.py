@@ -90,6 +90,8 @@ def _fill(
     with torch.no_grad():
         for key, value in values.items():
             own[key].copy_(value)
+    for adapter in built.values():  # derived state, e.g. a base moved by the saved initial factors
+        adapter.after_load_()
 
 
 def _read_layers(fields: dict[str, Any]) -> tuple[AdapterConfig, dict[str, AdapterConfig]]:

@@ -133,8 +133,20 @@ def _modules_to_save(model: nn.Module, names: list[str]) -> tuple[list[str], str
     return saved, task
 
 
-def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _export(adapter: Adapter, convert: bool) -> tuple[AdapterConfig, dict[str, Tensor]]:
+    export = getattr(adapter, "peft_export", None)
+    return export(convert) if callable(export) else (adapter.config, adapter.peft_tensors())
+
+
+def to_files(
+    model: nn.Module, convert: bool = True
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The contents of PEFT's `adapter_config.json` and `adapter_model.safetensors` for an adapted model.
+
+    Args:
+        model: an adapted model.
+        convert: adapters whose initialisation moved the base weight are written as the equivalent plain LoRA
+            on the original base (`LoRA.peft_export`); False writes their factors for the moved base.
 
     Raises:
         ValueError: no adapters, a method without a PEFT form, layers that differ in more than rank / alpha,
@@ -146,7 +158,8 @@ def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
     )
     if missing:
         raise ValueError(f"{missing} have no PEFT form; save with format='native'")
-    configs = {path: a.config for path, a in layers.items()}
+    exports = {path: _export(a, convert) for path, a in layers.items()}
+    configs = {path: config for path, (config, _) in exports.items()}
     shared = shared_config(configs)
     rank_pattern, alpha_pattern = split_patterns(shared, configs)
     names = _original_names(model)
@@ -171,8 +184,8 @@ def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
     config.update(_layer_fields(shared, layers, config))
     tensors = {
         f"{PREFIX}{path}.{name}": tensor
-        for path, adapter in layers.items()
-        for name, tensor in adapter.peft_tensors().items()
+        for path, (_, layer_tensors) in exports.items()
+        for name, tensor in layer_tensors.items()
     }
     for path, module in saved_modules(model):
         tensors.update({f"{PREFIX}{path}.{k}": v for k, v in module.module.state_dict().items()})
