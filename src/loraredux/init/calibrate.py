@@ -125,8 +125,6 @@ def _gather_grads(
     progress: bool,
 ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
     params = {path: m.weight for path, m in modules.items()}
-    targets = {id(p) for p in params.values()}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in targets]
     groups = _groups(params, max_grad_bytes)
     mean: dict[str, Tensor] = {}
     each: dict[str, list[Tensor]] = {path: [] for path in params} if keep_each else {}
@@ -134,8 +132,10 @@ def _gather_grads(
     try:
         for group in groups:
             group_params = [params[p] for p in group]
-            frozen = [(p, p.requires_grad) for p in others]
-            for p in others:
+            chosen = {id(p) for p in group_params}
+            # everything else is frozen for this pass: no gradient is computed or accumulated there
+            frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+            for p in frozen:
                 p.requires_grad_(False)
             try:
                 with _grad_only_on(group_params), torch.enable_grad():
@@ -160,8 +160,8 @@ def _gather_grads(
                             params[p].grad = None
                         bar.update(1)
             finally:
-                for p, flag in frozen:
-                    p.requires_grad_(flag)
+                for p in frozen:
+                    p.requires_grad_(True)
             for p in group:
                 mean[p] = _oriented(modules[p], sums.pop(p) / len(batches))
     finally:
