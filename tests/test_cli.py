@@ -44,6 +44,10 @@ def test_bad_options_are_refused_by_the_parser(argv, message, capsys):
         (["train", "--method", "mora", "--field", "nosuch=1"], "has no field(s) ['nosuch']"),
         (["train", "--method", "mora", "--field", "compress=zip"], "compress must be one of"),
         (["train", "--rank", "4", "--field", "rank=2"], "rank is set twice"),
+        (["train", "--init", "pisa"], "unknown init 'pisa'"),
+        (["train", "--method", "mora", "--init", "pissa"], "mora has no field for --init"),
+        (["train", "--init-option", "niter=2"], "--init-option needs --init NAME"),
+        (["train", "--init", "pissa", "--init-option", "n=2"], "has no option(s) ['n']"),
     ],
 )
 def test_bad_method_choices_fail_before_loading_anything(argv, message, capsys):
@@ -77,6 +81,44 @@ def test_adalora_trains_from_the_cli_with_its_allocator(tmp_path, capsys):
 def test_methods_lists_lora(capsys):
     assert main(["methods"]) == 0
     assert "lora" in capsys.readouterr().out
+
+
+def test_inits_lists_every_initialiser_with_what_it_needs(capsys):
+    assert main(["inits"]) == 0
+    shown = capsys.readouterr().out
+    for name in lx.init.available():
+        assert f"\n{name} " in shown
+    assert "options: niter=None" in shown
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_train_with_a_data_aware_init_writes_a_plain_lora_for_the_original_model(tmp_path, capsys):
+    """--init lora_ga estimates from training batches, moves the base, and the PEFT file is the rank-2r plain
+    LoRA on the packaged MiniLM: PEFT and loraredux load it on the original model and agree."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    from loraredux import assets
+
+    out = tmp_path / "ga"
+    argv = ["train", "--init", "lora_ga", "--calibration-batches", "2", "--rank", "4", "--steps"]
+    argv += ["2", "--train-examples", "64", "--eval-examples", "16", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "init lora_ga: estimating from 2 training batches" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 32.0, True)
+    assert json.loads((out / "metrics.json").read_text())["config"]["init"] == "lora_ga"
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(
+            assets.minilm_dir(), num_labels=2
+        ).eval()
+
+    ids = torch.randint(1000, 2000, (3, 12), generator=torch.Generator().manual_seed(0))
+    ours = lx.load_adapter(base(), out)(input_ids=ids).logits
+    theirs = peft.PeftModel.from_pretrained(base(), out).eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -126,12 +126,18 @@ def adapt_(
     check_pattern("alpha_pattern", alpha_pattern)
     saved_paths = _normalise_saved(model, modules_to_save)
     paths = select(model, targets, exclude, skip=saved_paths)
-    data, ranks = _calibrate(model, config, paths, init, calibration, loss_fn, calibration_options)
+    data, ranks, alphas = _calibrate(
+        model, config, paths, init, calibration, loss_fn, calibration_options
+    )
+    if ranks is not None and (rank_pattern or alpha_pattern):
+        raise ValueError(
+            f"init {config.init!r} allocates the ranks itself: rank_pattern / alpha_pattern cannot apply"
+        )
     plan: dict[str, tuple[nn.Module, AdapterConfig]] = {}
     for path in paths:
         rank, alpha = pattern_value(path, rank_pattern), pattern_value(path, alpha_pattern)
         if ranks is not None:
-            rank = ranks[path]
+            rank, alpha = ranks[path], alphas.get(path)
             if rank == 0:
                 continue  # the init's rank allocation gave this layer nothing
         try:
@@ -190,8 +196,9 @@ def _calibrate(
     calibration: Iterable[Any] | None,
     loss_fn: Callable[[nn.Module, Any], Tensor] | None,
     options: Mapping[str, Any] | None,
-) -> tuple[dict[nn.Module, inits.LayerData], dict[str, int] | None]:
-    """The calibration statistics of the target layers and the init's rank allocation, if the init needs them."""
+) -> tuple[dict[nn.Module, inits.LayerData], dict[str, int] | None, dict[str, float]]:
+    """The calibration statistics of the target layers, and the init's rank (and alpha) allocation, if the
+    init needs them."""
     name = getattr(config, "init", None)
     spec = inits.get(name) if init and isinstance(name, str) and name in inits.available() else None
     if spec is None or not spec.needs:
@@ -199,7 +206,7 @@ def _calibrate(
             raise ValueError(
                 f"calibration / loss_fn were given, but {config.method}'s init {name!r} uses no data"
             )
-        return {}, None
+        return {}, None, {}
     if calibration is None:
         raise ValueError(
             f"init {name!r} estimates its subspace from data ({', '.join(sorted(spec.needs))}): pass "
@@ -207,12 +214,14 @@ def _calibrate(
         )
     modules = {path: model.get_submodule(path) for path in paths}
     stats = inits.gather(model, modules, spec.needs, calibration, loss_fn, **dict(options or {}))
-    ranks = None
+    ranks, alphas = None, {}
     if spec.allocate is not None:
         weights = {p: _weight_of(m) for p, m in modules.items()}
-        opts = spec.check_options(getattr(config, "init_options", {}) or {})
-        ranks = spec.allocate(weights, stats, config.rank, **opts)
-    return {modules[p]: d for p, d in stats.items()}, ranks
+        options = getattr(config, "init_options", {}) or {}
+        ranks, alphas = spec.plan(
+            weights, stats, config.rank, getattr(config, "alpha", None), options
+        )
+    return {modules[p]: d for p, d in stats.items()}, ranks, alphas
 
 
 def _weight_of(module: nn.Module) -> Tensor:

@@ -63,7 +63,9 @@ def test_moved_base_is_the_residual(name: str) -> None:
     """The base layer holds W0 - s B0 A0 (exact inits): the init's return value, applied once."""
     spec = lx.init.get(name)
     model = tiny_llama()
-    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
+    original = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")
+    }
     adapt(model, name)
     for path, a in lx.adapters(model):
         W0 = original[path]
@@ -164,7 +166,9 @@ def test_data_aware_init_needs_data_and_data_free_refuses_it() -> None:
             lx.adapt_(model, lx.config("lora", init=name), targets=TARGETS)
         assert_unchanged(model, before)
     with pytest.raises(ValueError, match="uses no data"):
-        lx.adapt_(model, lx.config("lora", init="pissa"), targets=TARGETS, calibration=calibration())
+        lx.adapt_(
+            model, lx.config("lora", init="pissa"), targets=TARGETS, calibration=calibration()
+        )
     assert_unchanged(model, before)
 
 
@@ -197,3 +201,26 @@ def test_dora_with_a_moved_base_keeps_the_function_and_the_norms() -> None:
     model2 = copy.deepcopy(model)
     lx.unadapt_(model2)
     torch.testing.assert_close(logits(model2), before, rtol=1e-10, atol=1e-10)
+
+
+def test_eva_redistributes_ranks_and_keeps_every_scale() -> None:
+    """EVA's rho: ranks move between layers (budget r per layer, at most rho r each) and alpha follows the rank
+    (PEFT's adjust_scaling_factors), so every layer keeps s = alpha / r; rank-0 layers stay plain."""
+    model = tiny_llama()
+    config = lx.config("lora", rank=2, alpha=3.0, init="eva", init_options={"rho": 2.0})
+    lx.adapt_(model, config, targets=TARGETS, calibration=calibration())
+    layers = dict(lx.adapters(model))
+    ranks = {p: a.config.rank for p, a in layers.items()}
+    assert len(set(ranks.values())) > 1 and max(ranks.values()) <= 4
+    assert sum(ranks.values()) <= 2 * 14  # 14 linear layers in the tiny Llama
+    for a in layers.values():
+        assert a.scale == pytest.approx(3.0 / 2)
+    plain = lx.config(
+        "lora", rank=2, alpha=3.0, init="eva", init_options={"adjust_scaling_factors": False}
+    )
+    model = lx.adapt_(tiny_llama(), plain, targets=TARGETS, calibration=calibration())
+    assert {a.scale for _, a in lx.adapters(model)} != {1.5}
+    with pytest.raises(ValueError, match="allocates the ranks itself"):
+        lx.adapt_(
+            tiny_llama(), config, targets=TARGETS, calibration=calibration(), rank_pattern={"q": 4}
+        )

@@ -41,7 +41,9 @@ def test_pissa_is_the_best_rank_r_approximation_with_balanced_factors(out, inp, 
     torch.testing.assert_close(scale * f.B @ f.A, best, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(f.base, W0 - best, rtol=1e-10, atol=1e-10)
     # the residual's norm is the tail of the spectrum (Eckart-Young)
-    torch.testing.assert_close(torch.linalg.matrix_norm(f.base), S[r:].norm(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        torch.linalg.matrix_norm(f.base), S[r:].norm(), rtol=1e-10, atol=1e-10
+    )
     torch.testing.assert_close(f.A @ f.A.T, torch.diag(S[:r]) / scale, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(f.B.T @ f.B, torch.diag(S[:r]) / scale, rtol=1e-9, atol=1e-9)
 
@@ -56,7 +58,9 @@ def test_pissa_randomized_svd_is_exact_on_a_low_rank_weight_and_close_on_a_decay
     torch.manual_seed(0)
     fast = get("pissa")(W0, 4, 1.0, niter=4)
     gap = torch.linalg.matrix_norm(fast.B @ fast.A - exact.B @ exact.A) / S[:4].norm()
-    assert gap < 1e-3  # q = r, no oversampling (PEFT's call): close, not exact, on a decaying spectrum
+    assert (
+        gap < 1e-3
+    )  # q = r, no oversampling (PEFT's call): close, not exact, on a decaying spectrum
     torch.testing.assert_close(fast.base + fast.B @ fast.A, W0, rtol=1e-12, atol=1e-12)
     low = U[:, :4] @ torch.diag(S[:4]) @ V[:, :4].T  # exactly rank 4: the sketch captures it all
     fast = get("pissa")(low, 4, 1.0, niter=2)
@@ -80,14 +84,18 @@ def test_olora_b_is_orthonormal_and_ba_is_the_leading_qr_block():
     Q, R = torch.linalg.qr(W0)
     torch.testing.assert_close(f.B @ f.A, Q[:, :3] @ R[:3], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(f.base + 0.5 * f.B @ f.A, W0, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(torch.triu(f.A[:, :3]), f.A[:, :3])  # R's leading block is upper triangular
+    assert torch.allclose(
+        torch.triu(f.A[:, :3]), f.A[:, :3]
+    )  # R's leading block is upper triangular
 
 
 def test_orthogonal_gives_two_nonzero_factors_with_zero_product():
     torch.manual_seed(0)
     f = get("orthogonal")(weight(), 4, 1.0)
     assert f.A.abs().min() > 0 and f.B.abs().max() > 0
-    torch.testing.assert_close(f.B @ f.A, torch.zeros(9, 7, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        f.B @ f.A, torch.zeros(9, 7, dtype=torch.float64), rtol=0, atol=1e-15
+    )
     with pytest.raises(ValueError, match="even rank"):
         get("orthogonal")(weight(), 3, 1.0)
 

@@ -46,6 +46,11 @@ def add_adapter_commands(sub: Any) -> None:
     p = sub.add_parser("methods", help="list the registered adapter methods and their fields")
     p.set_defaults(run=_cmd_methods)
 
+    p = sub.add_parser(
+        "inits", help="list the registered initialisers (train --init NAME) and what they need"
+    )
+    p.set_defaults(run=_cmd_inits)
+
 
 def _load_base(adapter_dir: Path, model_arg: str | None) -> Any:
     """The bare base model an adapter directory was trained on (or `--model`)."""
@@ -158,7 +163,34 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
     for name in lx.available_methods():
         cls = config_class(name)
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        fields = ", ".join(f"{f.name}={_default(f)!r}" for f in dataclasses.fields(cls))
         doc = (sys.modules[cls.adapter.__module__].__doc__ or "").strip()
         print(f"{name:<12} {doc.splitlines()[0] if doc else ''}\n{'':<12} {fields}")
+    return 0
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _cmd_inits(args: argparse.Namespace) -> int:
+    import loraredux as lx
+
+    print(f"{'init':<11} {'data':<7} {'base':<7} summary / options")
+    for name in lx.init.available():
+        spec = lx.init.get(name)
+        data = ",".join(sorted(spec.needs)) or "-"
+        base = ("moves" if spec.exact else "moves*") if spec.moves_base else "-"
+        print(f"{name:<11} {data:<7} {base:<7} {spec.summary}")
+        if spec.options:
+            options = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
+            print(f"{'':<27} options: {options}")
+    print(
+        "data: calibration statistics it estimates from (train uses --calibration-batches batches)"
+    )
+    print(
+        "base: it moves the frozen base weight (* not by a low-rank term: no rank-2r PEFT conversion)"
+    )
     return 0

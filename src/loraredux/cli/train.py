@@ -60,6 +60,27 @@ def add_train(sub: Any) -> None:
     )
     p.add_argument("--rslora", action="store_true", help="use s = alpha / sqrt(r)")
     p.add_argument(
+        "--init",
+        default=None,
+        help="initialiser of the factors (see `loraredux inits`), e.g. pissa, lora_ga, eva; data-aware ones use "
+        "the first --calibration-batches training batches (default: the method's, kaiming for LoRA)",
+    )
+    p.add_argument(
+        "--init-option",
+        action="append",
+        default=[],
+        type=field_value,
+        metavar="KEY=VALUE",
+        help="an option of the initialiser (repeatable), e.g. --init-option niter=4 (PiSSA's randomized SVD) "
+        "or --init-option rho=2 (EVA)",
+    )
+    p.add_argument(
+        "--calibration-batches",
+        type=positive_int,
+        default=8,
+        help="training batches a data-aware --init estimates its subspace from",
+    )
+    p.add_argument(
         "--field",
         action="append",
         default=[],
@@ -185,6 +206,11 @@ def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cls)}
     given = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
     given["rslora"] = True if args.rslora else None
+    given["init"] = args.init
+    if args.init_option:
+        if args.init is None:
+            raise UsageError("--init-option needs --init NAME")
+        given["init_options"] = dict(args.init_option)
     lacking = [f"--{k}" for k, v in given.items() if v is not None and k not in known]
     if lacking:
         raise UsageError(
@@ -222,8 +248,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     lr = args.lr or (4e-3 if task.kind == "classification" else 5e-4)
     if getattr(cfg, "total_step", False) is None:  # a rank schedule over the run (AdaLoRA)
         cfg = dataclasses.replace(cfg, total_step=steps)
+    calibration = {}
+    init = lx.init.get(cfg.init) if isinstance(getattr(cfg, "init", None), str) else None
+    if init is not None and init.needs:
+        n = args.calibration_batches
+        calibration = {
+            "calibration": [task.batches(i) for i in range(n)],
+            "loss_fn": task.loss_fn,
+            "calibration_options": {"progress": not args.no_progress},
+        }
+        print(f"init {cfg.init}: estimating from {n} training batches")
     lx.adapt_(
-        model, cfg, targets=targets, exclude=args.exclude, modules_to_save=task.modules_to_save
+        model,
+        cfg,
+        targets=targets,
+        exclude=args.exclude,
+        modules_to_save=task.modules_to_save,
+        **calibration,
     )
 
     print(f"model {args.model}, data {data}: {task.train_size} training examples")

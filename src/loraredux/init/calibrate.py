@@ -1,6 +1,7 @@
 """Calibration statistics for data-aware initialisers, gathered with bounded memory.
 
     grad          G = (1/N) sum_n dL_n/dW0               (out, in) per target layer   (LoRA-GA, LoRA-One)
+                  (accumulated in float32, or float64 for a float64 model)
     grads         G_n = dL_n/dW0 for each batch n        kept on the CPU              (inits that need the spread)
     inputs        sum_t x_t x_t^T, sum_t x_t, T          (in, in), (in,), rows         (EVA, CorDA)
 
@@ -139,7 +140,7 @@ def _gather_grads(
                 p.requires_grad_(False)
             try:
                 with _grad_only_on(group_params), torch.enable_grad():
-                    sums = {p: torch.zeros_like(params[p], dtype=torch.float32) for p in group}
+                    sums = {p: torch.zeros_like(params[p], dtype=_acc(params[p])) for p in group}
                     for batch in batches:
                         loss = loss_fn(model, batch)
                         if not isinstance(loss, Tensor) or loss.ndim != 0:
@@ -154,9 +155,9 @@ def _gather_grads(
                                     f"calibration: the loss does not depend on {p!r}, so its gradient "
                                     "is undefined"
                                 )
-                            sums[p] += g.float()
+                            sums[p] += g.to(sums[p].dtype)
                             if keep_each:
-                                each[p].append(_oriented(modules[p], g.float()).cpu())
+                                each[p].append(_oriented(modules[p], g.to(sums[p].dtype)).cpu())
                             params[p].grad = None
                         bar.update(1)
             finally:
@@ -167,6 +168,12 @@ def _gather_grads(
     finally:
         bar.close()
     return mean, each
+
+
+def _acc(weight: Tensor) -> torch.dtype:
+    """The accumulation dtype of a weight's gradient: float32 at least (bfloat16 / float16 weights), float64 for
+    a float64 model."""
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def _oriented(module: nn.Module, grad: Tensor) -> Tensor:
@@ -183,7 +190,9 @@ def _gather_inputs(
     loss_fn: LossFn | None,
     progress: bool,
 ) -> dict[str, tuple[Tensor, Tensor, int]]:
-    shared: dict[int, list[Any]] = {}  # id(input tensor) -> [second moment, sum, rows] within one batch
+    shared: dict[
+        int, list[Any]
+    ] = {}  # id(input tensor) -> [second moment, sum, rows] within one batch
     stats: dict[str, list[Any]] = {}
     mask: list[Tensor | None] = [None]
 
@@ -283,7 +292,9 @@ def gather(
                 max_grad_bytes,
                 progress,
             )
-        inputs = _gather_inputs(model, modules, batches, loss_fn, progress) if "inputs" in needs else {}
+        inputs = (
+            _gather_inputs(model, modules, batches, loss_fn, progress) if "inputs" in needs else {}
+        )
     finally:
         model.train(was_training)
     data = {}

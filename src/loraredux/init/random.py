@@ -69,7 +69,9 @@ def orthogonal(W0: Tensor, rank: int, scale: float) -> Factors:
         ValueError: an odd rank.
     """
     if rank % 2:
-        raise ValueError(f"init 'orthogonal' needs an even rank (it splits r into two halves), got {rank}")
+        raise ValueError(
+            f"init 'orthogonal' needs an even rank (it splits r into two halves), got {rank}"
+        )
     out_features, in_features = W0.shape
     # PEFT's draws (float32, CPU, in this order); the algebra runs in float64 for a float64 base, so that
     # B A = 0 holds to that precision rather than to float32's.

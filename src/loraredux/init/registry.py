@@ -124,6 +124,7 @@ class Initialiser:
     options: Mapping[str, Any] = field(default_factory=dict)
     kinds: tuple[str, ...] = ("linear", "conv1d")
     allocate: Callable[..., dict[str, int]] | None = None
+    alphas: Callable[..., dict[str, float]] | None = None
     summary: str = ""
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,6 +138,31 @@ class Initialiser:
             have = sorted(self.options) or "none"
             raise ValueError(f"init {self.name!r} has no option(s) {unknown}; its options: {have}")
         return {**self.options, **options}
+
+    def plan(
+        self,
+        weights: Mapping[str, Tensor],
+        data: Mapping[str, LayerData],
+        rank: int,
+        alpha: float | None,
+        options: Mapping[str, Any],
+    ) -> tuple[dict[str, int], dict[str, float]]:
+        """The per-layer ranks (0 = leave the layer unadapted) and alphas of an allocating init.
+
+        Raises:
+            ValueError: the init does not allocate ranks.
+        """
+        if self.allocate is None:
+            raise ValueError(f"init {self.name!r} does not allocate ranks")
+        opts = self.check_options(options)
+        ranks = self.allocate(weights, data, rank, **opts)
+        alphas: dict[str, float] = {}
+        if self.alphas is not None and alpha is not None:
+            accepted = inspect.signature(self.alphas).parameters
+            alphas = self.alphas(
+                ranks, rank, alpha, **{k: v for k, v in opts.items() if k in accepted}
+            )
+        return ranks, alphas
 
     def __call__(
         self, W0: Tensor, rank: int, scale: float, *, data: LayerData | None = None, **options: Any
@@ -164,6 +190,7 @@ def register_init(
     identity: bool = True,
     kinds: tuple[str, ...] = ("linear", "conv1d"),
     allocate: Callable[..., dict[str, int]] | None = None,
+    alphas: Callable[..., dict[str, float]] | None = None,
 ) -> Callable[[Callable[..., Factors]], Callable[..., Factors]]:
     """Function decorator: register a pure initialiser under `name`.
 
@@ -193,6 +220,7 @@ def register_init(
             options=options,
             kinds=kinds,
             allocate=allocate,
+            alphas=alphas,
             summary=doc.splitlines()[0] if doc else "",
         )
         return fn

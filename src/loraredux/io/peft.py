@@ -138,9 +138,7 @@ def _export(adapter: Adapter, convert: bool) -> tuple[AdapterConfig, dict[str, T
     return export(convert) if callable(export) else (adapter.config, adapter.peft_tensors())
 
 
-def to_files(
-    model: nn.Module, convert: bool = True
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def to_files(model: nn.Module, convert: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The contents of PEFT's `adapter_config.json` and `adapter_model.safetensors` for an adapted model.
 
     Args:
