@@ -11,7 +11,7 @@ calibration statistics (`calibrate.py`) to the data-aware ones.
     lx.adapt_(model, lx.config("lora", init="lora_ga"), targets=..., calibration=batches, loss_fn=fn)
 """
 
-from . import activation, gradient, random, sketch, weights  # noqa: F401  (registers the initialisers)
+from . import activation, gradient, loftq, random, sketch, weights  # noqa: F401  (registers the initialisers)
 from .calibrate import default_loss, gather
 from .registry import (
     Factors,
