@@ -401,3 +401,15 @@ def test_bad_options(fn, option: str, value: object, message: str) -> None:
 def test_unknown_option_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"no option\(s\) \['gamma'\].*'stable_gamma'"):
         lx.init.get("lora_ga")(weight(), 2, 1.0, data=LayerData(grad=full_gradient()), gamma=16.0)
+
+
+def test_lora_ga_warns_when_the_gradient_has_rank_below_2r() -> None:
+    """With rank(G) < 2r, some of LoRA-GA's singular vectors come from G's null space: an arbitrary basis."""
+    W0 = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u, v = torch.ones(8, 1, dtype=torch.float64), torch.ones(1, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="numerical rank 1 < 2 rank = 4"):
+        lora_ga(W0, 2, 1.0, data=LayerData(grad=u @ v))
+    G = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_ga(W0, 2, 1.0, data=LayerData(grad=G))  # full rank: no warning

@@ -166,6 +166,14 @@ def lora_ga(
     out_features = G.shape[0]
 
     U, S, Vh = _top_svd(G, 2 * rank, rank, niter)  # (out, 2r), (2r,), (2r, in)
+    live = int((S[0] * max(G.shape) * torch.finfo(G.dtype).eps < S).sum()) if S[0] > 0 else 0
+    if live < 2 * rank:
+        warnings.warn(
+            f"init 'lora_ga': the calibration gradient has numerical rank {live} < 2 rank = {2 * rank}, so "
+            "some singular vectors LoRA-GA uses come from its null space (an arbitrary basis): more or "
+            "larger calibration batches give a better-determined start",
+            stacklevel=3,
+        )
     rows_A, cols_B = _indices(direction, rank)
     A = Vh[rows_A]  # (r, in), orthonormal rows
     B = U[:, cols_B]  # (out, r), orthonormal columns
