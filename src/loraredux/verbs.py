@@ -215,6 +215,10 @@ def _calibrate(
     modules = {path: model.get_submodule(path) for path in paths}
     stats = inits.gather(model, modules, spec.needs, calibration, loss_fn, **dict(options or {}))
     ranks, alphas = None, {}
+    if spec.allocate is not None and not hasattr(config, "rank"):
+        raise ValueError(
+            f"init {name!r} allocates ranks across layers, but {config.method} has no rank field to set"
+        )
     if spec.allocate is not None:
         weights = {p: _weight_of(m) for p, m in modules.items()}
         options = getattr(config, "init_options", {}) or {}

@@ -25,24 +25,41 @@ def calibration() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids, "labels": ids}, {"input_ids": ids.flip(1), "labels": ids.flip(1)}]
 
 
-def adapt(model: torch.nn.Module, name: str, rank: int = 2, alpha: float = 3.0, **kwargs):
+# Methods whose low-rank pair takes a named init (LoRA's own pair; DoRA's direction; AdaLoRA's P Λ Q; PoLAR's X Θ Y^T).
+METHODS = ["lora", "dora", "adalora", "polar"]
+CASES = [
+    (m, n)
+    for m in METHODS
+    for n in INITS
+    if not (
+        m == "adalora" and lx.init.get(n).allocate is not None
+    )  # AdaLoRA allocates its own ranks
+]
+
+
+def method_config(method: str, name: str) -> lx.AdapterConfig:
+    if method == "adalora":
+        return lx.config(method, init_r=2, target_r=1, alpha=3.0, init=name)
+    return lx.config(method, rank=2, alpha=3.0, init=name)
+
+
+def adapt(model: torch.nn.Module, name: str, method: str = "lora", **kwargs):
     spec = lx.init.get(name)
     data = {"calibration": calibration()} if spec.needs else {}
-    config = lx.config("lora", rank=rank, alpha=alpha, init=name)
-    return lx.adapt_(model, config, targets=TARGETS, **data, **kwargs)
+    return lx.adapt_(model, method_config(method, name), targets=TARGETS, **data, **kwargs)
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", INITS)
-def test_identity_disabled_and_unadapt(name: str) -> None:
+@pytest.mark.parametrize(("method", "name"), CASES)
+def test_identity_disabled_and_unadapt(method: str, name: str) -> None:
     spec = lx.init.get(name)
     model = tiny_llama()
     before, original = logits(model), weights(model)
     torch.manual_seed(0)
-    adapt(model, name)
+    adapt(model, name, method)
     if spec.identity:
         torch.testing.assert_close(logits(model), before, rtol=1e-10, atol=1e-10)
     moved = [a for _, a in lx.adapters(model) if getattr(a, "_moved", False)]
@@ -102,20 +119,24 @@ def test_peft_format_loads_in_peft_on_the_original_model(name: str, tmp_path) ->
     torch.testing.assert_close(logits(ours), logits(model), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", INITS)
-def test_native_files_and_resume_restore_the_model(name: str, tmp_path) -> None:
+@pytest.mark.parametrize(("method", "name"), CASES)
+def test_native_files_and_resume_restore_the_model(method: str, name: str, tmp_path) -> None:
     model = tiny_llama()
     torch.manual_seed(0)
-    adapt(model, name)
+    adapt(model, name, method)
     randomize(model)
     expected = logits(model)
     lx.save_adapter(model, tmp_path, format="native")
     loaded = lx.load_adapter(tiny_llama(), tmp_path)
     torch.testing.assert_close(logits(loaded), expected, rtol=1e-10, atol=1e-10)
+    with lx.disabled(
+        loaded
+    ):  # a loaded adapter knows the original weights too (LoftQ recomputes them)
+        torch.testing.assert_close(logits(loaded), logits(tiny_llama()), rtol=1e-10, atol=1e-10)
     # resume: a freshly adapted model (other random draws) takes the saved state and gives the same model
     fresh = tiny_llama()
     torch.manual_seed(1)
-    adapt(fresh, name)
+    adapt(fresh, name, method)
     lx.load_adapter_state_dict(fresh, lx.adapter_state_dict(model))
     torch.testing.assert_close(logits(fresh), expected, rtol=1e-10, atol=1e-10)
     lx.unadapt_(fresh)
@@ -224,3 +245,37 @@ def test_eva_redistributes_ranks_and_keeps_every_scale() -> None:
         lx.adapt_(
             tiny_llama(), config, targets=TARGETS, calibration=calibration(), rank_pattern={"q": 4}
         )
+
+
+@pytest.mark.parametrize("name", ["pissa", "corda"])
+def test_adalora_with_a_moved_base_saves_natively(name: str, tmp_path) -> None:
+    """PEFT's AdaLoRA format cannot hold a moved base on the original model: "auto" picks loraredux's own format,
+    and an explicit PEFT save names the problem."""
+    model = tiny_llama()
+    adapt(model, name, "adalora")
+    with pytest.raises(ValueError, match="save with format='native'"):
+        lx.save_adapter(model, tmp_path / "peft", format="peft")
+    lx.save_adapter(model, tmp_path / "auto")
+    assert lx.io.read_adapter_config(tmp_path / "auto")["format"] == "loraredux"
+    with pytest.raises(ValueError, match="has no rank field"):
+        adapt(tiny_llama(), "eva", "adalora")
+
+
+def test_adalora_and_polar_take_the_principal_triplets_from_pissa() -> None:
+    """AdaLoRA's P, Q and PoLAR's X, Y are orthonormal, and Λ (Θ) holds W0's top singular values over s."""
+    model = tiny_llama()
+    W0 = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    S = torch.linalg.svdvals(W0)
+    lx.adapt_(model, method_config("adalora", "pissa"), targets=["down_proj"])
+    a = model.model.layers[0].mlp.down_proj
+    eye = torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(a.B.T @ a.B, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.A @ a.A.T, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.E.flatten() * a.scale, S[:2], rtol=1e-10, atol=1e-12)
+    model = lx.adapt_(tiny_llama(), method_config("polar", "pissa"), targets=["down_proj"])
+    p = model.model.layers[0].mlp.down_proj
+    torch.testing.assert_close(p.X.T @ p.X, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(p.Y.T @ p.Y, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.linalg.svdvals(p.Theta) * p.scale, S[:2], rtol=1e-10, atol=1e-12
+    )

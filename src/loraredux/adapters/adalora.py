@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -47,13 +47,14 @@ from torch import Tensor, nn
 from ..core import Adapter, AdapterConfig, accumulate_, check_tensors, register
 from .adalora_allocator import FACTORS as _FACTORS
 from .adalora_allocator import RankAllocator, allocator
+from .factor_init import FactorInit, check_init_fields
 
 __all__ = ["AdaLoRA", "AdaLoRAConfig", "RankAllocator", "allocator"]
 
 _PEFT_NAMES = {"A": "lora_A", "E": "lora_E", "B": "lora_B"}
 
 
-class AdaLoRA(Adapter):
+class AdaLoRA(FactorInit):
     """y = base(x) + s * ((dropout(x) A^T) * E^T) B^T: the SVD-form update, with λ = E of shape (r, 1).
 
     Buffers (persistent, the allocator's state): `exp_avg_ipt_{A,E,B}` and `exp_avg_unc_{A,E,B}` (the EMAs Ī and Ū,
@@ -77,14 +78,37 @@ class AdaLoRA(Adapter):
         self.register_buffer("mask", torch.ones(r, dtype=torch.bool, device=W0.device))
         # A layer built on its own is its own group; `AdaLoRAConfig.build_layers` replaces this by a shared one.
         self.allocator = RankAllocator(config, {"": self})
+        self.setup_init(r)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's and the authors' initialisation: E = 0 (so W' = W0), A and B ~ N(0, 0.02^2)."""
+        """PEFT's and the authors' initialisation: E = 0 (so W' = W0), A and B ~ N(0, 0.02^2); a named
+        `config.init` then sets the triplets (see `set_lora_form_`)."""
         nn.init.zeros_(self.E)
         nn.init.normal_(self.A, mean=0.0, std=0.02)
         nn.init.normal_(self.B, mean=0.0, std=0.02)
+        self.init_factors_(self.config.init_r)
+
+    @torch.no_grad()
+    def set_lora_form_(self, A: Tensor, B: Tensor) -> None:
+        """P Λ Q from a pair: the SVD of B A (r triplets) when B A != 0; else A and B as they are (where not zero)
+        with Λ = 0, so directions an init chose (EVA's) are kept and W' = W0."""
+        work = torch.float64 if A.dtype == torch.float64 else torch.float32
+        A, B = A.to(work), B.to(work)
+        Qb, Rb = torch.linalg.qr(B)  # (out, r), (r, r)
+        Qa, Ra = torch.linalg.qr(A.T)  # (in, r), (r, r)
+        U, S, Vh = torch.linalg.svd(Rb @ Ra.T)  # the r x r core of B A = Qb (Rb Ra^T) Qa^T
+        if S[0] > 0:
+            self.B.copy_(Qb @ U)  # P (out, r), orthonormal
+            self.E.copy_(S[:, None])  # Λ (r, 1)
+            self.A.copy_(Vh @ Qa.T)  # Q (r, in), orthonormal
+            return
+        self.E.zero_()
+        if torch.count_nonzero(A):
+            self.A.copy_(A)
+        if torch.count_nonzero(B):
+            self.B.copy_(B)
 
     @property
     def rank(self) -> int:
@@ -222,6 +246,9 @@ class AdaLoRAConfig(AdapterConfig):
         beta2: EMA factor of the uncertainty Ū.
         orth_reg_weight: weight of the orthogonality regulariser (`penalty()`).
         total_step: total optimizer steps T; None only while the allocator is not stepped.
+        init: None (the paper's: Λ = 0, P and Q small Gaussians) or an `lx.init` name: its pair becomes the
+            triplets P Λ Q (PiSSA's top singular triplets of W0, ...).
+        init_options: the initialiser's options.
     """
 
     init_r: int = 12
@@ -235,6 +262,8 @@ class AdaLoRAConfig(AdapterConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
+    init: str | None = None
+    init_options: dict[str, Any] = field(default_factory=dict)
 
     adapter: ClassVar[type[Adapter]] = AdaLoRA
     #: PEFT's AdaLoRA adapts no embedding.
@@ -245,6 +274,7 @@ class AdaLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_init_fields(self.method, self.init, self.init_options)
 
         def is_int(v: Any, low: int) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= low

@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import init as inits
-from ..core import Adapter, AdapterConfig, accumulate_, initialising, register
+from ..core import Adapter, AdapterConfig, accumulate_, register
+from .factor_init import FactorInit, check_init_fields
 
 __all__ = ["LoRA", "LoRAConfig", "peft_init_"]
 
@@ -59,7 +59,7 @@ def peft_init_(A: Tensor, B: Tensor, kind: str, init: str) -> None:
     nn.init.zeros_(B)
 
 
-class LoRA(Adapter):
+class LoRA(FactorInit):
     """y = base(x) + s * (dropout(x) A^T) B^T, computed with one fused multiply-add for the second product."""
 
     def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
@@ -70,105 +70,23 @@ class LoRA(Adapter):
         self.B = nn.Parameter(torch.empty(self.out_features, r, dtype=W0.dtype, device=W0.device))
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        self.initialiser = inits.get(config.init)
-        if self.view.kind not in self.initialiser.kinds:
-            raise TypeError(
-                f"init {config.init!r} does not support a {self.view.kind} base (it supports "
-                f"{', '.join(self.initialiser.kinds)} layers)"
-            )
-        self._moved = False  # whether the base layer now holds a moved weight
-        self._original: Tensor | None = None  # W0 itself, kept only for an inexact move (LoftQ)
-        if self.initialiser.moves_base:
-            self.register_buffer("A0", torch.zeros_like(self.A, requires_grad=False))
-            self.register_buffer("B0", torch.zeros_like(self.B, requires_grad=False))
+        self.setup_init(r)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise A and B by the config's `init` (PEFT's default for "kaiming" / "gaussian", see the module
-        docstring); under `skip_initialisation` (loading saved weights) nothing is computed."""
-        name = self.config.init
-        if name in ("kaiming", "gaussian") and not self._moved:
-            peft_init_(self.A, self.B, self.view.kind, name)  # cheap, and PEFT's exact draws
-            return
-        if not initialising():
-            return
-        if self._moved:
-            raise RuntimeError("reset_parameters after the base was moved: unadapt and adapt again")
-        factors = self.initialiser(
-            self.base_weight().detach(),
-            self.config.rank,
-            self.scale,
-            data=inits.data_for(self.base),
-            **self.config.init_options,
-        )
-        with torch.no_grad():
-            self.A.copy_(factors.A)
-            self.B.copy_(factors.B)
-        if self.initialiser.moves_base:
-            if factors.base is None:
-                raise RuntimeError(f"init {name!r} moves the base but returned no new base")
-            self._move_base(factors.base)
+        """Initialise A and B by the config's `init` (PEFT's own draws for "kaiming" / "gaussian", see the module
+        docstring; `lx.init` for the others)."""
+        if self.config.init in ("kaiming", "gaussian"):
+            peft_init_(
+                self.A, self.B, self.view.kind, self.config.init
+            )  # cheap, and PEFT's exact draws
+        else:
+            self.init_factors_(self.config.rank)
 
-    # -- a moved base ----------------------------------------------------------------------------------
-    def _move_base(self, new_base: Tensor) -> None:
-        """Record the initial factors and make `new_base` the frozen base (deferred inside `lx.adapt_`)."""
-        with torch.no_grad():
-            self.A0.copy_(self.A)
-            self.B0.copy_(self.B)
-        if not self.initialiser.exact and self._original is None:
-            self._original = self.base_weight().detach()
-        self.replace_base_weight_(new_base.to(self.base_weight().dtype))
-        self._moved = True
-
-    def original_weight(self) -> Tensor:
-        """W0 (out, in) of the layer before adaptation: W_res + s B0 A0 after an exact base-moving init, the
-        kept copy after LoftQ, else the base weight itself."""
-        if not self._moved:
-            return self.base_weight()
-        if self._original is not None:
-            return self._original
-        return torch.addmm(self.base_weight(), self.B0, self.A0, alpha=self.scale)
-
-    def released(self) -> nn.Module:
-        if self._moved:
-            with torch.no_grad():
-                self.view.set_weight(self.original_weight())
-            self._moved = False
-        return self.base
-
-    def before_load_(self) -> None:
-        if self._moved:  # back to W0, so that after_load_ moves it by the loaded A0, B0
-            with torch.no_grad():
-                self.replace_base_weight_(self.original_weight())
-            self._moved = False
-
-    def after_load_(self) -> None:
-        if not self.initialiser.moves_base:
-            return
-        W0 = self.base_weight().detach()
-        if self.initialiser.exact:
-            new_base = torch.addmm(W0, self.B0, self.A0, alpha=-self.scale)
-        else:  # the move is not a function of A0, B0 alone: recompute it (deterministic) and check it
-            factors = self.initialiser(W0, self.config.rank, self.scale, **self.config.init_options)
-            gap = torch.linalg.matrix_norm(factors.B @ factors.A - self.B0 @ self.A0)
-            if not gap <= 1e-3 * torch.linalg.matrix_norm(self.B0 @ self.A0) + 1e-12:
-                raise ValueError(
-                    f"init {self.config.init!r} on this base gives other initial factors than the saved A0, "
-                    f"B0 (relative gap {gap.item():.2e}): the adapter was made on another base model"
-                )
-            new_base = factors.base
-        self.replace_base_weight_(new_base)
-        self._moved = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.enabled or not self._moved:
-            return super().forward(x)
-        # disabled after a base-moving init: the original model, W_res + s B0 A0 (or the kept W0)
-        if self._original is not None:
-            return self.view.forward_with(x, self._original)
-        h, lead = self.flatten(x)
-        y = accumulate_(self.base(h), self.view.project(h, self.A0), self.B0, self.scale)
-        return y.reshape(*lead, y.shape[-1])
+    @torch.no_grad()
+    def set_lora_form_(self, A: Tensor, B: Tensor) -> None:
+        self.A.copy_(A)
+        self.B.copy_(B)
 
     # -- the spec and the fast path --------------------------------------------------------------------
     def effective_weight(self) -> Tensor:
@@ -190,6 +108,9 @@ class LoRA(Adapter):
             return {"lora_embedding_A": self.A, "lora_embedding_B": self.B}
         return {"lora_A.weight": self.A, "lora_B.weight": self.B}
 
+    def converts_moved_base(self) -> bool:
+        return self.initialiser is not None and self.initialiser.exact
+
     def peft_export(self, convert: bool = True) -> tuple[AdapterConfig, dict[str, Tensor]]:
         """The config and tensors to write in PEFT's format.
 
@@ -204,10 +125,11 @@ class LoRA(Adapter):
         tensors = self.peft_tensors()
         if not self._moved or not convert:
             return dataclasses.replace(cfg, init="kaiming", init_options={}), tensors
-        if not self.initialiser.exact:
+        if not self.converts_moved_base():
             raise ValueError(
                 f"init {cfg.init!r} moved the base by more than a low-rank term, so no plain LoRA on the "
-                "original base reproduces it; save with convert_to_lora=False and keep the moved base"
+                "original base reproduces it: save with format='native' (loraredux recomputes the base when "
+                "loading) or convert_to_lora=False (the factors for the moved base)"
             )
         factor = math.sqrt(2.0) if cfg.rslora else 2.0
         converted = dataclasses.replace(
@@ -250,20 +172,9 @@ class LoRAConfig(AdapterConfig):
         super().__post_init__()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.init, str):
-            raise ValueError(f"{self.method}: init must be a name, got {self.init!r}")
-        try:
-            spec = inits.get(self.init)
-        except ValueError as err:
-            raise ValueError(f"{self.method}: {err}") from None
-        if not isinstance(self.init_options, dict):
-            raise ValueError(
-                f"{self.method}: init_options must be a dict, got {type(self.init_options).__name__}"
-            )
-        try:
-            spec.check_options(self.init_options)
-        except ValueError as err:
-            raise ValueError(f"{self.method}: {err}") from None
+        if self.init is None:
+            raise ValueError(f"{self.method}: init must be a name (default 'kaiming'), got None")
+        check_init_fields(self.method, self.init, self.init_options)
 
     def parameter_count(self, in_features: int, out_features: int) -> int:
         return self.rank * (in_features + out_features)

@@ -45,13 +45,14 @@ it steps as ours with `landing_lambda = c / 2`, under SGD as ours with `landing_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, AdapterConfig, accumulate_, register
+from .factor_init import FactorInit, check_init_fields
 
 __all__ = [
     "PoLAR",
@@ -117,7 +118,7 @@ def stable_rank(M: Tensor) -> float:
 # ----------------------------------------------------------------------------------------------- the layer
 
 
-class PoLAR(Adapter):
+class PoLAR(FactorInit):
     """y = base(x) + s * ((dropout(x) Y) Θ^T) X^T with X (out, r), Y (in, r) trained by the landing field."""
 
     def __init__(self, base: nn.Module, config: PoLARConfig) -> None:
@@ -130,16 +131,32 @@ class PoLAR(Adapter):
         self.Y = nn.Parameter(torch.empty(self.in_features, r, **factory))
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.setup_init(r)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """X, Y random with orthonormal columns (`nn.init.orthogonal_`, as the authors), Θ = 0: W' = W0 at init."""
+        """X, Y random with orthonormal columns (`nn.init.orthogonal_`, as the authors), Θ = 0: W' = W0 at init;
+        a named `config.init` then sets them (see `set_lora_form_`)."""
         for factor in (self.X, self.Y):
             # QR has no half-precision kernels: draw in float32 (or float64), then cast.
             work = torch.empty(factor.shape, dtype=_work_dtype(factor), device=factor.device)
             factor.copy_(nn.init.orthogonal_(work))
         nn.init.zeros_(self.Theta)
+        self.init_factors_(self.config.rank)
+
+    @torch.no_grad()
+    def set_lora_form_(self, A: Tensor, B: Tensor) -> None:
+        """X = an orthonormal basis of B's columns, Y = one of A's rows (each kept random where that factor is
+        zero), Θ = X^T B A Y, so that X Θ Y^T = B A and X, Y start on the Stiefel manifold."""
+        work = _work_dtype(A)
+        A, B = A.to(work), B.to(work)
+        if torch.count_nonzero(B):
+            self.X.copy_(torch.linalg.qr(B).Q)  # (out, r)
+        if torch.count_nonzero(A):
+            self.Y.copy_(torch.linalg.qr(A.T).Q)  # (in, r)
+        X, Y = self.X.to(work), self.Y.to(work)
+        self.Theta.copy_((X.T @ B) @ (A @ Y))  # (r, r)
 
     def effective_weight(self) -> Tensor:
         return self.base_weight() + self.scale * (self.X @ self.Theta @ self.Y.T)  # (out, in)
@@ -212,17 +229,23 @@ class PoLARConfig(AdapterConfig):
         alpha: the scale numerator, s = alpha / r (the authors' scripts use alpha = 32).
         dropout: dropout on the adapter's input (not on the base path).
         landing_lambda: λ, the weight of ∇N(X) in the landing field (the pull back to the manifold).
+        init: None (the paper's: X, Y random orthonormal, Θ = 0) or an `lx.init` name: its pair B A becomes
+            X Θ Y^T with X, Y orthonormal bases of B's columns and A's rows (PiSSA: W0's top singular vectors).
+        init_options: the initialiser's options.
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     landing_lambda: float = 1.0
+    init: str | None = None
+    init_options: dict[str, Any] = field(default_factory=dict)
 
     adapter: ClassVar[type[Adapter]] = PoLAR
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_init_fields(self.method, self.init, self.init_options)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"polar: dropout must be in [0, 1), got {self.dropout!r}")
         lam = self.landing_lambda

@@ -67,7 +67,7 @@ def save_adapter(
     if format not in ("auto", "peft", "native"):
         raise ValueError(f"format must be 'auto', 'peft' or 'native', got {format!r}")
     if format == "auto":
-        format = "peft" if peft.supports(model) else "native"
+        format = "peft" if peft.supports(model, convert_to_lora) else "native"
     if format == "peft":
         config, tensors = peft.to_files(model, convert=convert_to_lora)
     else:

@@ -83,8 +83,11 @@ def _peft_saved_selection(names: Iterable[str], entries: Iterable[str]) -> list[
     return [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
 
 
-def _supported(adapter: Adapter) -> bool:
+def _supported(adapter: Adapter, convert: bool = True) -> bool:
     cls = type(adapter.config)
+    native_only = getattr(adapter, "needs_native_format", None)
+    if callable(native_only) and native_only(convert):
+        return False
     return (
         getattr(cls, "peft_type", None) is not None
         and adapter.view.kind in getattr(cls, "peft_base_kinds", cls.base_kinds)
@@ -93,9 +96,9 @@ def _supported(adapter: Adapter) -> bool:
     )
 
 
-def supports(model: nn.Module) -> bool:
-    """Whether every adapter of the model has a PEFT form."""
-    return all(_supported(a) for a in adapted_layers(model).values())
+def supports(model: nn.Module, convert: bool = True) -> bool:
+    """Whether every adapter of the model has a PEFT form (on the original base, with `convert`)."""
+    return all(_supported(a, convert) for a in adapted_layers(model).values())
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -151,8 +154,18 @@ def to_files(model: nn.Module, convert: bool = True) -> tuple[dict[str, Any], di
             or modules to save that PEFT could not select exactly.
     """
     layers = adapted_layers(model)
+    for (
+        adapter
+    ) in layers.values():  # the specific reason first (a moved base), then the generic one
+        native_only = getattr(adapter, "needs_native_format", None)
+        if callable(native_only) and native_only(convert):
+            _export(adapter, convert)  # raises, naming the init
     missing = sorted(
-        {f"{a.config.method} on {a.view.kind} layers" for a in layers.values() if not _supported(a)}
+        {
+            f"{a.config.method} on {a.view.kind} layers"
+            for a in layers.values()
+            if not _supported(a, convert)
+        }
     )
     if missing:
         raise ValueError(f"{missing} have no PEFT form; save with format='native'")
