@@ -172,16 +172,19 @@ def adapt_(
     for p, flag in flags:
         if id(p) not in known and id(p) not in adapter_params:
             record.append((p, flag))
+    replaced = False
     for path, adapter in built.items():
         adapter.train(
             adapter.base.training
         )  # a model in eval mode stays in eval mode (dropout off)
         old = dict(adapter.base.named_parameters())
         adapter.commit_base_()  # an init that moves the base weight (PiSSA, ...) applies it now
-        _track_replaced(record, old, adapter.base)
+        replaced |= _track_replaced(record, old, adapter.base)
         _replace(model, path, adapter)
     for path, module in saved.items():
         _replace(model, path, module)
+    if replaced:  # forget replaced weights no module uses any more, so their memory is freed
+        _forget_unused(model, record)
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
@@ -237,14 +240,24 @@ def _weight_of(module: nn.Module) -> Tensor:
 
 def _track_replaced(
     record: list[tuple[nn.Parameter, bool]], old: dict[str, nn.Parameter], module: nn.Module
-) -> None:
+) -> bool:
     """Where a base layer got a new parameter object (a moved base weight), the new one inherits the old one's
-    recorded requires_grad flag, so `unadapt_` restores it too."""
+    recorded requires_grad flag, so `unadapt_` restores it too. Returns whether any parameter was replaced."""
     flags = {id(p): flag for p, flag in record}
+    replaced = False
     for name, new in module.named_parameters():
         before = old.get(name)
-        if before is not None and before is not new and id(before) in flags:
-            record.append((new, flags[id(before)]))
+        if before is not None and before is not new:
+            replaced = True
+            if id(before) in flags:
+                record.append((new, flags[id(before)]))
+    return replaced
+
+
+def _forget_unused(model: nn.Module, record: list[tuple[nn.Parameter, bool]]) -> None:
+    """Drop recorded flags of parameters the model no longer holds (a tied module keeps its own entry)."""
+    live = {id(p) for p in model.parameters()}
+    record[:] = [(p, flag) for p, flag in record if id(p) in live]
 
 
 def _restore_flags(model: nn.Module) -> None:

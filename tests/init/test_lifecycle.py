@@ -279,3 +279,18 @@ def test_adalora_and_polar_take_the_principal_triplets_from_pissa() -> None:
     torch.testing.assert_close(
         torch.linalg.svdvals(p.Theta) * p.scale, S[:2], rtol=1e-10, atol=1e-12
     )
+
+
+def test_a_moved_base_frees_the_original_weight() -> None:
+    """adapt_ keeps no reference to a replaced W0 (its memory is freed); a tied module keeps its own."""
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    q = model.model.layers[0].self_attn.q_proj
+    old = weakref.ref(q.weight)
+    adapt(model, "pissa")
+    gc.collect()
+    assert old() is None
+    lx.unadapt_(model)
+    assert all(p.requires_grad for p in model.parameters())
