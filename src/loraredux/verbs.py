@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import init as inits
+from .bases import view_of
 from .core import Adapter, AdapterConfig, SavedModule, deferring_base_changes, skip_initialisation
 from .targets import TargetSpec, check_pattern, pattern_value, select
 
@@ -215,13 +216,13 @@ def _calibrate(
             f"init {name!r} estimates its subspace from data ({', '.join(sorted(spec.needs))}): pass "
             "lx.adapt_(..., calibration=batches, loss_fn=fn) with a few training batches"
         )
-    modules = {path: model.get_submodule(path) for path in paths}
-    stats = inits.gather(model, modules, spec.needs, calibration, loss_fn, **dict(options or {}))
-    ranks, alphas = None, {}
     if spec.allocate is not None and not hasattr(config, "rank"):
         raise ValueError(
             f"init {name!r} allocates ranks across layers, but {config.method} has no rank field to set"
         )
+    modules = {path: model.get_submodule(path) for path in paths}
+    stats = inits.gather(model, modules, spec.needs, calibration, loss_fn, **dict(options or {}))
+    ranks, alphas = None, {}
     if spec.allocate is not None:
         weights = {p: _weight_of(m) for p, m in modules.items()}
         options = getattr(config, "init_options", {}) or {}
@@ -233,8 +234,6 @@ def _calibrate(
 
 def _weight_of(module: nn.Module) -> Tensor:
     """W0 (out, in) of a base layer, detached."""
-    from .bases import view_of
-
     return view_of(module).weight().detach()
 
 

@@ -55,8 +55,9 @@ def check_init_fields(method: str, init: Any, init_options: Any) -> None:
 class FactorInit(Adapter):
     """Adapter mixin: initialise the method's low-rank pair by `config.init` and handle a moved base.
 
-    The adapter calls `setup_init(rank)` after creating its parameters and `init_factors_()` from its
-    `reset_parameters` when `uses_named_init()`; subclasses implement `set_lora_form_`.
+    The adapter calls `setup_init(rank)` after creating its parameters and `init_factors_(rank)` at the end of
+    its `reset_parameters` (a no-op when `config.init` is None or while loading); subclasses implement
+    `set_lora_form_`.
     """
 
     scale: float

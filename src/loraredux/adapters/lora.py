@@ -76,10 +76,8 @@ class LoRA(FactorInit):
     def reset_parameters(self) -> None:
         """Initialise A and B by the config's `init` (PEFT's own draws for "kaiming" / "gaussian", see the module
         docstring; `lx.init` for the others)."""
-        if self.config.init in ("kaiming", "gaussian"):
-            peft_init_(
-                self.A, self.B, self.view.kind, self.config.init
-            )  # cheap, and PEFT's exact draws
+        if self.config.init in ("kaiming", "gaussian"):  # cheap, and PEFT's exact draws
+            peft_init_(self.A, self.B, self.view.kind, self.config.init)
         else:
             self.init_factors_(self.config.rank)
 
@@ -124,7 +122,9 @@ class LoRA(FactorInit):
         cfg = self.config
         tensors = self.peft_tensors()
         if not self._moved or not convert:
-            return dataclasses.replace(cfg, init="kaiming", init_options={}), tensors
+            # the init has done its work: what PEFT reads is the trained pair (gaussian is its own name too)
+            init = cfg.init if cfg.init == "gaussian" else "kaiming"
+            return dataclasses.replace(cfg, init=init, init_options={}), tensors
         if not self.converts_moved_base():
             raise ValueError(
                 f"init {cfg.init!r} moved the base by more than a low-rank term, so no plain LoRA on the "

@@ -154,9 +154,8 @@ def to_files(model: nn.Module, convert: bool = True) -> tuple[dict[str, Any], di
             or modules to save that PEFT could not select exactly.
     """
     layers = adapted_layers(model)
-    for (
-        adapter
-    ) in layers.values():  # the specific reason first (a moved base), then the generic one
+    # The specific reason first (a moved base that PEFT's format cannot hold), then the generic one.
+    for adapter in layers.values():
         native_only = getattr(adapter, "needs_native_format", None)
         if callable(native_only) and native_only(convert):
             _export(adapter, convert)  # raises, naming the init
