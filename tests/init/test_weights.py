@@ -62,6 +62,13 @@ def test_pissa_randomized_svd_is_exact_on_a_low_rank_weight_and_close_on_a_decay
         gap < 1e-3
     )  # q = r, no oversampling (PEFT's call): close, not exact, on a decaying spectrum
     torch.testing.assert_close(fast.base + fast.B @ fast.A, W0, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(0)
+    over = get("pissa")(
+        W0, 4, 1.0, niter=4, oversample=8
+    )  # a wider sketch: closer to the exact SVD
+    gap_over = torch.linalg.matrix_norm(over.B @ over.A - exact.B @ exact.A) / S[:4].norm()
+    assert gap_over < gap / 10
+    torch.testing.assert_close(over.base + over.B @ over.A, W0, rtol=1e-12, atol=1e-12)
     low = U[:, :4] @ torch.diag(S[:4]) @ V[:, :4].T  # exactly rank 4: the sketch captures it all
     fast = get("pissa")(low, 4, 1.0, niter=2)
     torch.testing.assert_close(fast.B @ fast.A, low, rtol=1e-10, atol=1e-12)
@@ -113,6 +120,8 @@ def test_gaussian_and_kaiming_keep_b_zero():
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="niter must be an integer"):
         get("pissa")(weight(), 2, 1.0, niter=-1)
+    with pytest.raises(ValueError, match="oversample must be an integer"):
+        get("pissa")(weight(), 2, 1.0, niter=2, oversample=-1)
     with pytest.raises(ValueError, match="has no option"):
         get("olora")(weight(), 2, 1.0, niter=2)
 
