@@ -4,7 +4,7 @@ import loraredux as lx
 lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj"])
 """
 
-from . import assets, init, train
+from . import assets, init, optim, train
 from .adapters import LoRA, LoRAConfig
 from .core import (
     Adapter,
@@ -49,6 +49,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_state_dict",
     "merge_",
+    "optim",
     "penalty",
     "register",
     "save_adapter",

@@ -93,6 +93,10 @@ class LoRA(FactorInit):
     def lora_form(self) -> tuple[Tensor, Tensor, float]:
         return self.A, self.B, self.scale
 
+    def factor_pair(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The trainable (A, B) pair, for optimizers that treat the two factors together (`lx.optim`)."""
+        return self.A, self.B
+
     def adapted(self, x: Tensor) -> Tensor:
         x, lead = self.flatten(x)  # the base and x A^T share one (tokens, in) input
         y = self.base(x)  # (tokens, out), fresh

@@ -1,0 +1,100 @@
+"""Optimizers for adapted models (Axis 2b-d): `create(name, model, lr, **options)`, `available()`.
+
+Each returns a `torch.optim.Optimizer` over the model's trainable (adapter) parameters, usable in any loop and in
+transformers' `Trainer` (`optimizers=(opt, None)`). The maths lives in `functional.py`; factor pairs are explicit
+(`pairs.py`).
+
+    opt = lx.optim.create("scaled_sgd", model, lr=1e-2, delta=1e-6)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .functional import riemannian_precondition
+from .pairs import Pair, find_pairs
+from .scaled import ScaledSGD
+
+__all__ = ["Pair", "ScaledSGD", "available", "create", "find_pairs", "riemannian_precondition"]
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameter: adapt it first (lx.adapt_)"
+        )
+    return params
+
+
+def _split(model: nn.Module) -> tuple[list[Pair], list[nn.Parameter]]:
+    """The factor pairs and every other trainable parameter."""
+    pairs = find_pairs(model)
+    paired = {id(t) for p in pairs for t in (p.A, p.B)}
+    return pairs, [p for p in _trainable(model) if id(p) not in paired]
+
+
+def _adamw(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimizer:
+    """Plain AdamW over the trainable parameters (the reference)."""
+    return torch.optim.AdamW(_trainable(model), lr=lr, **options)
+
+
+def _loraplus(
+    model: nn.Module, lr: float, ratio: float = 16.0, **options: Any
+) -> torch.optim.Optimizer:
+    """LoRA+: AdamW with the B factors at lr * ratio (Hayou, Ghosh, Yu, ICML 2024, arXiv 2402.12354: eta_B =
+    lambda eta_A, lambda >> 1; PEFT's example uses 16); A factors and other parameters at lr."""
+    if not ratio > 0:
+        raise ValueError(f"loraplus: ratio must be > 0, got {ratio!r}")
+    pairs, others = _split(model)
+    if not pairs:
+        raise ValueError("loraplus needs factor pairs (LoRA or DoRA adapters); the model has none")
+    groups = [
+        {"params": [p.A for p in pairs], "lr": lr},
+        {"params": [p.B for p in pairs], "lr": lr * ratio},
+    ]
+    if others:
+        groups.append({"params": others, "lr": lr})
+    return torch.optim.AdamW(groups, lr=lr, **options)
+
+
+def _scaled_sgd(model: nn.Module, lr: float, delta: float = 0.0) -> torch.optim.Optimizer:
+    pairs, others = _split(model)
+    if not pairs:
+        raise ValueError(
+            "scaled_sgd needs factor pairs (LoRA or DoRA adapters); the model has none"
+        )
+    return ScaledSGD(pairs, others, lr=lr, delta=delta)
+
+
+_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "loraplus": _loraplus,
+    "scaled_sgd": _scaled_sgd,
+}
+
+
+def available() -> list[str]:
+    """The optimizer names, sorted."""
+    return sorted(_OPTIMIZERS)
+
+
+def create(name: str, model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimizer:
+    """The optimizer `name` over the model's adapter parameters.
+
+    Raises:
+        ValueError: an unknown name (listing the available ones), a model without trainable parameters or
+            factor pairs where the optimizer needs them, a bad option.
+    """
+    try:
+        make = _OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; available: {available()}") from None
+    try:
+        return make(model, lr, **options)
+    except TypeError as err:
+        raise ValueError(f"optimizer {name!r}: {err}") from None

@@ -1,0 +1,68 @@
+"""The optimizers' mathematics as pure functions over tensors (the classes in this package stay thin).
+
+Riemannian / scaled preconditioning of a factor pair (Zhang & Pilanci, "Riemannian Preconditioned LoRA for
+Fine-Tuning Foundation Models", ICML 2024, arXiv 2402.02347; the ScaledGD of Tong, Ma, Chi for low-rank matrix
+estimation):
+
+    grad_A <- (B^T B + delta I)^{-1} grad_A        grad_B <- grad_B (A A^T + delta I)^{-1}
+
+With delta = 0 one step is invariant to the gauge (A, B) -> (G A, B G^{-1}) for any invertible G: the gradients
+transform as grad_A -> G^{-T} grad_A and grad_B -> grad_B G^T, and the r x r metrics as (B^T B)^{-1} ->
+G (B^T B)^{-1} G^T, so the new pair is (G A', B' G^{-1}) and B' A' is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["riemannian_precondition"]
+
+
+def _solve_spd(M: Tensor, rhs: Tensor, delta: float, what: str) -> Tensor:
+    """(M + delta I)^{-1} rhs for a symmetric positive semi-definite r x r M, by Cholesky (no explicit inverse).
+
+    Raises:
+        ValueError: M + delta I is singular (delta = 0 with a rank-deficient factor): name it and the fix.
+    """
+    r = M.shape[0]
+    K = M + delta * torch.eye(r, dtype=M.dtype, device=M.device) if delta else M
+    L, info = torch.linalg.cholesky_ex(K)
+    if int(info) != 0:
+        raise ValueError(
+            f"the {r} x {r} metric {what} is singular (a rank-deficient factor, e.g. B = 0 at LoRA's init): use "
+            f"delta > 0 (got {delta})"
+        )
+    return torch.cholesky_solve(rhs, L)
+
+
+def riemannian_precondition(
+    grad_A: Tensor, grad_B: Tensor, A: Tensor, B: Tensor, delta: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """(B^T B + delta I)^{-1} grad_A and grad_B (A A^T + delta I)^{-1}, the scaled gradients of the pair.
+
+    Computed in float32 at least (float64 for float64 factors) and returned in the gradients' dtype.
+
+    Args:
+        grad_A: (r, in).
+        grad_B: (out, r).
+        A: (r, in).
+        B: (out, r).
+        delta: the damping (>= 0); 0 is exactly gauge invariant but needs both factors of full rank r.
+
+    Raises:
+        ValueError: shapes that do not form a pair, a negative delta, or a singular metric.
+    """
+    r = A.shape[0]
+    if A.shape != grad_A.shape or B.shape != grad_B.shape or B.shape[1] != r:
+        raise ValueError(
+            f"a factor pair needs A, grad_A (r, in) and B, grad_B (out, r); got A {tuple(A.shape)}, grad_A "
+            f"{tuple(grad_A.shape)}, B {tuple(B.shape)}, grad_B {tuple(grad_B.shape)}"
+        )
+    if not delta >= 0:
+        raise ValueError(f"delta must be >= 0, got {delta!r}")
+    work = torch.promote_types(A.dtype, torch.float32)
+    A_, B_ = A.detach().to(work), B.detach().to(work)
+    gA = _solve_spd(B_.T @ B_, grad_A.to(work), delta, "B^T B")  # (r, in)
+    gB = _solve_spd(A_ @ A_.T, grad_B.to(work).T, delta, "A A^T").T  # (out, r); A A^T is symmetric
+    return gA.to(grad_A.dtype), gB.to(grad_B.dtype)
