@@ -187,7 +187,7 @@ def test_bad_input_is_refused_and_changes_nothing():
     fresh(x).sum().backward()
     before = {k: v.clone() for k, v in lx.adapter_state_dict(fresh).items()}
     with pytest.raises(ValueError, match="use delta > 0"):
-        create("scaled_sgd", fresh, lr=0.1).step()
+        create("scaled_sgd", fresh, lr=0.1, delta=0.0).step()
     # a non-finite gradient: an error, and no parameter moved
     fresh[0].B.grad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
@@ -202,3 +202,60 @@ def test_loraplus_puts_b_at_ratio_times_lr():
     assert opt.param_groups[0]["params"][0] is model[0].A and opt.param_groups[0]["lr"] == 1e-3
     assert opt.param_groups[1]["params"][0] is model[0].B and opt.param_groups[1]["lr"] == 16e-3
     assert isinstance(create("adamw", model, lr=1e-3), torch.optim.AdamW)
+
+
+def test_default_delta_is_pefts_and_steps_from_loras_init():
+    """delta defaults to PEFT's reg = 1e-2, so the first step from B = 0 is defined (A still gets no update)."""
+    torch.manual_seed(0)
+    fresh = lx.adapt_(nn.Sequential(nn.Linear(4, 4)).double(), lx.config("lora", rank=2), ["0"])
+    opt = create("scaled_sgd", fresh, lr=0.1)
+    assert opt.param_groups[0]["delta"] == 1e-2
+    fresh(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+    A = fresh[0].A.detach().clone()
+    opt.step()
+    assert torch.equal(fresh[0].A, A) and fresh[0].B.abs().sum() > 0
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("delta", [1e-2, 0.5])
+def test_scaled_adamw_matches_pefts_riemannian_optimizer(delta):
+    """Three steps of our scaled AdamW and PEFT's create_riemannian_optimizer(AdamW) on identical weights."""
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_riemannian_optimizer
+
+    ours, x, y = model_and_data()
+    theirs = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=3, lora_alpha=8, target_modules=["0"]),
+        nn.Sequential(nn.Linear(10, 8)).double(),
+    )
+    with torch.no_grad():
+        theirs[0].base_layer.load_state_dict(ours[0].base.state_dict())
+        theirs[0].lora_A["default"].weight.copy_(ours[0].A)
+        theirs[0].lora_B["default"].weight.copy_(ours[0].B)
+    opt = create("scaled_adamw", ours, lr=1e-2, delta=delta, weight_decay=0.01)
+    ref = create_riemannian_optimizer(
+        theirs, torch.optim.AdamW, lr=1e-2, reg=delta, weight_decay=0.01
+    )
+    for _ in range(3):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            loss_of(model, x, y).backward()
+            o.step()
+    torch.testing.assert_close(ours[0].A, theirs[0].lora_A["default"].weight, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours[0].B, theirs[0].lora_B["default"].weight, rtol=1e-9, atol=1e-12)
+
+
+def test_scaled_adamw_is_adamw_on_the_preconditioned_gradient():
+    """One step equals torch's AdamW fed the scaled gradients by hand."""
+    model, x, y = model_and_data()
+    twin = copy.deepcopy(model)
+    opt = create("scaled_adamw", model, lr=1e-2, delta=0.1)
+    loss_of(model, x, y).backward()
+    opt.step()
+    loss_of(twin, x, y).backward()
+    A, B = twin[0].A, twin[0].B
+    gA, gB = riemannian_precondition(A.grad, B.grad, A, B, 0.1)
+    A.grad, B.grad = gA, gB
+    torch.optim.AdamW([A, B], lr=1e-2).step()
+    torch.testing.assert_close(model[0].A, twin[0].A, rtol=0, atol=0)
+    torch.testing.assert_close(model[0].B, twin[0].B, rtol=0, atol=0)

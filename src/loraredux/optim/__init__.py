@@ -17,9 +17,17 @@ from torch import nn
 
 from .functional import riemannian_precondition
 from .pairs import Pair, find_pairs
-from .scaled import ScaledSGD
+from .scaled import DEFAULT_DELTA, ScaledAdamW, ScaledSGD
 
-__all__ = ["Pair", "ScaledSGD", "available", "create", "find_pairs", "riemannian_precondition"]
+__all__ = [
+    "Pair",
+    "ScaledAdamW",
+    "ScaledSGD",
+    "available",
+    "create",
+    "find_pairs",
+    "riemannian_precondition",
+]
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -62,7 +70,8 @@ def _loraplus(
     return torch.optim.AdamW(groups, lr=lr, **options)
 
 
-def _scaled_sgd(model: nn.Module, lr: float, delta: float = 0.0) -> torch.optim.Optimizer:
+def _scaled_sgd(model: nn.Module, lr: float, delta: float = DEFAULT_DELTA) -> torch.optim.Optimizer:
+    """Riemannian-preconditioned SGD (Zhang & Pilanci, arXiv 2402.02347)."""
     pairs, others = _split(model)
     if not pairs:
         raise ValueError(
@@ -71,9 +80,22 @@ def _scaled_sgd(model: nn.Module, lr: float, delta: float = 0.0) -> torch.optim.
     return ScaledSGD(pairs, others, lr=lr, delta=delta)
 
 
+def _scaled_adamw(
+    model: nn.Module, lr: float, delta: float = DEFAULT_DELTA, **adamw: Any
+) -> torch.optim.Optimizer:
+    """AdamW on Riemannian-preconditioned gradients (Zhang & Pilanci; PEFT's create_riemannian_optimizer)."""
+    pairs, others = _split(model)
+    if not pairs:
+        raise ValueError(
+            "scaled_adamw needs factor pairs (LoRA or DoRA adapters); the model has none"
+        )
+    return ScaledAdamW(pairs, others, lr=lr, delta=delta, **adamw)
+
+
 _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "loraplus": _loraplus,
+    "scaled_adamw": _scaled_adamw,
     "scaled_sgd": _scaled_sgd,
 }
 
