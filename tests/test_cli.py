@@ -48,6 +48,7 @@ def test_bad_options_are_refused_by_the_parser(argv, message, capsys):
         (["train", "--method", "mora", "--init", "pissa"], "mora has no field for --init"),
         (["train", "--init-option", "niter=2"], "--init-option needs --init NAME"),
         (["train", "--init", "pissa", "--init-option", "n=2"], "has no option(s) ['n']"),
+        (["train", "--optimizer", "sgdd"], "unknown --optimizer 'sgdd'"),
     ],
 )
 def test_bad_method_choices_fail_before_loading_anything(argv, message, capsys):
@@ -181,3 +182,27 @@ def test_trained_adapter_gives_the_same_logits_in_peft_and_after_merge(trained, 
     assert not list(lx.adapters(plain))
     torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert main(["merge", str(trained), "--out", str(merged)]) == 2  # refuses to overwrite
+
+
+@pytest.mark.slow
+def test_train_with_a_scaled_optimizer(tmp_path, capsys):
+    """--optimizer picks a loraredux.optim optimizer (with its options) and the run records it."""
+    out = tmp_path / "scaled"
+    argv = [
+        "train",
+        "--optimizer",
+        "scaled_adamw",
+        "--optimizer-option",
+        "delta=0.05",
+        "--rank",
+        "2",
+    ]
+    argv += ["--steps", "2", "--train-examples", "32", "--eval-examples", "16", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["optimizer"] == "scaled_adamw" and metrics["optimizer_options"] == {
+        "delta": 0.05
+    }
+    bad = ["train", "--optimizer", "loraplus", "--optimizer-option", "ratio=-1", "--steps", "1"]
+    assert main([*bad, "--train-examples", "8", "--eval-examples", "8", "--no-progress"]) == 2
+    assert "ratio must be > 0" in capsys.readouterr().err

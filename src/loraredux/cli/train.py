@@ -90,6 +90,21 @@ def add_train(sub: Any) -> None:
         "compress=sharing; the value is read as JSON, else as text",
     )
     p.add_argument(
+        "--optimizer",
+        default="adamw",
+        help="optimizer over the adapter parameters (loraredux.optim.available(): adamw, loraplus, "
+        "scaled_sgd, scaled_adamw, ...); its options with --optimizer-option",
+    )
+    p.add_argument(
+        "--optimizer-option",
+        action="append",
+        default=[],
+        type=field_value,
+        metavar="KEY=VALUE",
+        help="an option of the optimizer (repeatable), e.g. --optimizer-option ratio=16 (LoRA+) or "
+        "--optimizer-option delta=0.01 (scaled optimizers)",
+    )
+    p.add_argument(
         "--steps",
         type=positive_int,
         default=None,
@@ -237,6 +252,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
     cfg = lx.config(args.method, **_method_fields(args))  # a bad value fails before any loading
+    if args.optimizer not in lx.optim.available():
+        raise UsageError(
+            f"unknown --optimizer {args.optimizer!r}; choose from {lx.optim.available()}"
+        )
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, task, data = _build_task(args)
@@ -280,7 +299,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     train_cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), seed=args.seed)
     model.train()
-    result = fit(model, task.batches, task.loss_fn, train_cfg, progress=not args.no_progress)
+    options = dict(args.optimizer_option)
+
+    def make_optimizer(
+        params: list[Any],
+    ) -> Any:  # fit's factory; loraredux.optim finds the pairs itself
+        try:
+            return lx.optim.create(args.optimizer, model, lr=lr, **options)
+        except ValueError as err:
+            raise UsageError(f"--optimizer {args.optimizer}: {err}") from None
+
+    result = fit(
+        model,
+        task.batches,
+        task.loss_fn,
+        train_cfg,
+        optimizer=make_optimizer,
+        progress=not args.no_progress,
+    )
     after = task.evaluate(model.eval())
     print(
         f"{task.metric} after:  {after[task.metric]:.4f}  ({steps} steps, lr {lr:g}, "
@@ -295,6 +331,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "model": args.model,
             "data": data,
             "method": args.method,
+            "optimizer": args.optimizer,
+            "optimizer_options": options,
             "config": cfg.to_dict(),
             "targets": targets,
             "steps": steps,
