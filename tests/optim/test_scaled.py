@@ -259,3 +259,33 @@ def test_scaled_adamw_is_adamw_on_the_preconditioned_gradient():
     torch.optim.AdamW([A, B], lr=1e-2).step()
     torch.testing.assert_close(model[0].A, twin[0].A, rtol=0, atol=0)
     torch.testing.assert_close(model[0].B, twin[0].B, rtol=0, atol=0)
+
+
+@pytest.mark.parity
+def test_loraplus_matches_pefts_loraplus_optimizer():
+    """Three AdamW steps with B at 16 x lr: ours and PEFT's create_loraplus_optimizer on identical weights."""
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer
+
+    ours, x, y = model_and_data()
+    theirs = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=3, lora_alpha=8, target_modules=["0"]),
+        nn.Sequential(nn.Linear(10, 8)).double(),
+    )
+    with torch.no_grad():
+        theirs[0].base_layer.load_state_dict(ours[0].base.state_dict())
+        theirs[0].lora_A["default"].weight.copy_(ours[0].A)
+        theirs[0].lora_B["default"].weight.copy_(ours[0].B)
+    opt = create("loraplus", ours, lr=1e-3, ratio=16)
+    ref = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    for _ in range(3):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            loss_of(model, x, y).backward()
+            o.step()
+    torch.testing.assert_close(
+        ours[0].A, theirs[0].lora_A["default"].weight, rtol=1e-12, atol=1e-14
+    )
+    torch.testing.assert_close(
+        ours[0].B, theirs[0].lora_B["default"].weight, rtol=1e-12, atol=1e-14
+    )

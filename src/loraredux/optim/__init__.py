@@ -55,7 +55,9 @@ def _loraplus(
     model: nn.Module, lr: float, ratio: float = 16.0, **options: Any
 ) -> torch.optim.Optimizer:
     """LoRA+: AdamW with the B factors at lr * ratio (Hayou, Ghosh, Yu, ICML 2024, arXiv 2402.12354: eta_B =
-    lambda eta_A, lambda >> 1; PEFT's example uses 16); A factors and other parameters at lr."""
+    lambda eta_A, lambda >> 1; PEFT's example uses 16); A factors and other parameters at lr. Weight decay
+    defaults to 0, as PEFT's `create_loraplus_optimizer` (unlike PEFT, 1-D parameters such as DoRA's magnitude stay
+    at lr rather than joining B's group)."""
     if not ratio > 0:
         raise ValueError(f"loraplus: ratio must be > 0, got {ratio!r}")
     pairs, others = _split(model)
@@ -67,7 +69,7 @@ def _loraplus(
     ]
     if others:
         groups.append({"params": others, "lr": lr})
-    return torch.optim.AdamW(groups, lr=lr, **options)
+    return torch.optim.AdamW(groups, lr=lr, **{"weight_decay": 0.0, **options})
 
 
 def _scaled_sgd(model: nn.Module, lr: float, delta: float = DEFAULT_DELTA) -> torch.optim.Optimizer:
