@@ -15,17 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import riemannian_precondition
+from .functional import lora_fa_gradient, riemannian_precondition
+from .lora_fa import LoraFA
 from .pairs import Pair, find_pairs
 from .scaled import DEFAULT_DELTA, ScaledAdamW, ScaledSGD
 
 __all__ = [
+    "LoraFA",
     "Pair",
     "ScaledAdamW",
     "ScaledSGD",
     "available",
     "create",
     "find_pairs",
+    "lora_fa_gradient",
     "riemannian_precondition",
 ]
 
@@ -94,8 +97,19 @@ def _scaled_adamw(
     return ScaledAdamW(pairs, others, lr=lr, delta=delta, **adamw)
 
 
+def _lora_fa(
+    model: nn.Module, lr: float, delta: float = 1e-8, project: bool = True, **adamw: Any
+) -> torch.optim.Optimizer:
+    """LoRA-FA (arXiv 2308.03303): every A frozen (requires_grad=False), B trained on its projected gradient."""
+    pairs, others = _split(model)
+    if not pairs:
+        raise ValueError("lora_fa needs factor pairs (LoRA or DoRA adapters); the model has none")
+    return LoraFA(pairs, others, lr=lr, delta=delta, project=project, **adamw)
+
+
 _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": _adamw,
+    "lora_fa": _lora_fa,
     "loraplus": _loraplus,
     "scaled_adamw": _scaled_adamw,
     "scaled_sgd": _scaled_sgd,

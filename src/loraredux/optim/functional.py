@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["riemannian_precondition"]
+__all__ = ["lora_fa_gradient", "riemannian_precondition"]
 
 
 def _solve_spd(M: Tensor, rhs: Tensor, delta: float, what: str) -> Tensor:
@@ -66,3 +66,34 @@ def riemannian_precondition(
     gA = _solve_spd(B_.T @ B_, grad_A.to(work), delta, "B^T B")  # (r, in)
     gB = _solve_spd(A_ @ A_.T, grad_B.to(work).T, delta, "A A^T").T  # (out, r); A A^T is symmetric
     return gA.to(grad_A.dtype), gB.to(grad_B.dtype)
+
+
+def lora_fa_gradient(grad_B: Tensor, A: Tensor, scale: float, delta: float = 1e-8) -> Tensor:
+    """LoRA-FA's projected gradient of B with A frozen: (1 / s^2) grad_B (A A^T + delta I)^{-1}.
+
+    For W' = W0 + s B A the gradient of B is s G A^T (G the full-weight gradient), and a step g on B moves W' by
+    s g A. The g that makes s g A closest to G is g = (1 / s) G A^T (A A^T)^{-1} = (1 / s^2) grad_B (A A^T)^{-1},
+    so that s g A = G A^T (A A^T)^{-1} A, the projection of G onto A's row space (PEFT's `LoraFAOptimizer`,
+    arXiv 2308.03303).
+
+    Args:
+        grad_B: (out, r).
+        A: (r, in), frozen.
+        scale: s (> 0).
+        delta: damping of A A^T (>= 0).
+
+    Raises:
+        ValueError: shapes that do not form a pair, a bad scale or delta, or a singular A A^T with delta = 0.
+    """
+    if grad_B.ndim != 2 or A.ndim != 2 or grad_B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"LoRA-FA needs grad_B (out, r) and A (r, in); got {tuple(grad_B.shape)} and {tuple(A.shape)}"
+        )
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    if not delta >= 0:
+        raise ValueError(f"delta must be >= 0, got {delta!r}")
+    work = torch.promote_types(A.dtype, torch.float32)
+    A_ = A.detach().to(work)
+    g = _solve_spd(A_ @ A_.T, grad_B.to(work).T, delta, "A A^T").T  # (out, r)
+    return (g / scale**2).to(grad_B.dtype)
