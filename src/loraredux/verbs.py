@@ -242,15 +242,15 @@ def _track_replaced(
 ) -> bool:
     """Where a base layer got a new parameter object (a moved base weight), the new one inherits the old one's
     recorded requires_grad flag, so `unadapt_` restores it too. Returns whether any parameter was replaced."""
-    flags = {id(p): flag for p, flag in record}
-    replaced = False
-    for name, new in module.named_parameters():
-        before = old.get(name)
-        if before is not None and before is not new:
-            replaced = True
-            if id(before) in flags:
-                record.append((new, flags[id(before)]))
-    return replaced
+    swaps = [
+        (old[name], new)
+        for name, new in module.named_parameters()
+        if name in old and old[name] is not new
+    ]
+    if swaps:  # the usual layer replaces nothing: only then is the record searched
+        flags = {id(p): flag for p, flag in record}
+        record += [(new, flags[id(before)]) for before, new in swaps if id(before) in flags]
+    return bool(swaps)
 
 
 def _forget_unused(model: nn.Module, record: list[tuple[nn.Parameter, bool]]) -> None:

@@ -52,6 +52,28 @@ def regauged(model, seed: int = 5):
     return other
 
 
+def peft_twin(peft, ours):
+    """PEFT's LoRA layer on the same base and factors as `ours` (r = 3, alpha = 8)."""
+    theirs = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=3, lora_alpha=8, target_modules=["0"]),
+        nn.Sequential(nn.Linear(10, 8)).double(),
+    )
+    with torch.no_grad():
+        theirs[0].base_layer.load_state_dict(ours[0].base.state_dict())
+        theirs[0].lora_A["default"].weight.copy_(ours[0].A)
+        theirs[0].lora_B["default"].weight.copy_(ours[0].B)
+    return theirs
+
+
+def three_steps(runs, x, y):
+    """Three optimizer steps of each (model, optimizer), interleaved."""
+    for _ in range(3):
+        for model, o in runs:
+            o.zero_grad()
+            loss_of(model, x, y).backward()
+            o.step()
+
+
 def relative_gap(P, Q):
     return (torch.linalg.matrix_norm(P - Q) / torch.linalg.matrix_norm(P)).item()
 
@@ -224,23 +246,12 @@ def test_scaled_adamw_matches_pefts_riemannian_optimizer(delta):
     from peft.optimizers import create_riemannian_optimizer
 
     ours, x, y = model_and_data()
-    theirs = peft.inject_adapter_in_model(
-        peft.LoraConfig(r=3, lora_alpha=8, target_modules=["0"]),
-        nn.Sequential(nn.Linear(10, 8)).double(),
-    )
-    with torch.no_grad():
-        theirs[0].base_layer.load_state_dict(ours[0].base.state_dict())
-        theirs[0].lora_A["default"].weight.copy_(ours[0].A)
-        theirs[0].lora_B["default"].weight.copy_(ours[0].B)
+    theirs = peft_twin(peft, ours)
     opt = create("scaled_adamw", ours, lr=1e-2, delta=delta, weight_decay=0.01)
     ref = create_riemannian_optimizer(
         theirs, torch.optim.AdamW, lr=1e-2, reg=delta, weight_decay=0.01
     )
-    for _ in range(3):
-        for model, o in ((ours, opt), (theirs, ref)):
-            o.zero_grad()
-            loss_of(model, x, y).backward()
-            o.step()
+    three_steps(((ours, opt), (theirs, ref)), x, y)
     torch.testing.assert_close(ours[0].A, theirs[0].lora_A["default"].weight, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ours[0].B, theirs[0].lora_B["default"].weight, rtol=1e-9, atol=1e-12)
 
@@ -268,21 +279,10 @@ def test_loraplus_matches_pefts_loraplus_optimizer():
     from peft.optimizers import create_loraplus_optimizer
 
     ours, x, y = model_and_data()
-    theirs = peft.inject_adapter_in_model(
-        peft.LoraConfig(r=3, lora_alpha=8, target_modules=["0"]),
-        nn.Sequential(nn.Linear(10, 8)).double(),
-    )
-    with torch.no_grad():
-        theirs[0].base_layer.load_state_dict(ours[0].base.state_dict())
-        theirs[0].lora_A["default"].weight.copy_(ours[0].A)
-        theirs[0].lora_B["default"].weight.copy_(ours[0].B)
+    theirs = peft_twin(peft, ours)
     opt = create("loraplus", ours, lr=1e-3, ratio=16)
     ref = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
-    for _ in range(3):
-        for model, o in ((ours, opt), (theirs, ref)):
-            o.zero_grad()
-            loss_of(model, x, y).backward()
-            o.step()
+    three_steps(((ours, opt), (theirs, ref)), x, y)
     torch.testing.assert_close(
         ours[0].A, theirs[0].lora_A["default"].weight, rtol=1e-12, atol=1e-14
     )

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import lora_fa_gradient
+from .groups import check_options, checked_grad, evaluate, pair_groups, set_group_defaults
 from .pairs import Pair
 
 __all__ = ["LoraFA"]
@@ -47,43 +48,25 @@ class LoraFA(torch.optim.AdamW):
         project: bool = True,
         **adamw: Any,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not delta >= 0:
-            raise ValueError(f"delta must be >= 0, got {delta!r}")
-        groups: list[dict[str, Any]] = []
+        check_options(lr, delta)
+        groups = pair_groups(pairs, others, lambda pair: [pair.B])  # checks every pair first
         self._frozen: dict[str, tuple[Tensor, float]] = {}
         for pair in pairs:
-            pair.check()
             pair.A.requires_grad_(False)
             pair.A.grad = None
             self._frozen[pair.name] = (pair.A, pair.scale)
-            groups.append({"params": [pair.B], "pair": pair.name})
-        if others:
-            groups.append({"params": list(others), "pair": None})
-        if not groups:
-            raise ValueError("lora_fa got no parameters (is the model adapted?)")
         super().__init__(groups, lr=lr, **adamw)
-        self.defaults.update(delta=delta, project=project)
-        for group in self.param_groups:
-            group.setdefault("delta", delta)
-            group.setdefault("project", project)
+        set_group_defaults(self, delta=delta, project=project)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Project the B gradients (all checked first), then AdamW's step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         projected: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    raise FloatingPointError(
-                        f"{group['pair'] or 'a parameter'}: the gradient has non-finite entries; no "
-                        "parameter was changed"
-                    )
+                if p.grad is not None:
+                    checked_grad(p, group["pair"] or "a parameter")
             if group["pair"] is None or not group["project"]:
                 continue
             (B,) = group["params"]

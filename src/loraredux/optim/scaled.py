@@ -27,39 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from .functional import riemannian_precondition
+from .groups import check_options, checked_grad, evaluate, pair_groups, set_group_defaults
 from .pairs import Pair
 
 __all__ = ["DEFAULT_DELTA", "ScaledAdamW", "ScaledSGD"]
 
 DEFAULT_DELTA = 1e-2
-
-
-def _grad(p: Tensor, name: str) -> Tensor:
-    g = p.grad if p.grad is not None else torch.zeros_like(p)
-    if not torch.isfinite(g).all():
-        raise FloatingPointError(
-            f"{name}: the gradient has non-finite entries; no parameter was changed"
-        )
-    return g
-
-
-def _groups(pairs: Sequence[Pair], others: Sequence[nn.Parameter]) -> list[dict[str, Any]]:
-    groups: list[dict[str, Any]] = []
-    for pair in pairs:
-        pair.check()
-        groups.append({"params": [pair.A, pair.B], "pair": pair.name})
-    if others:
-        groups.append({"params": list(others), "pair": None})
-    if not groups:
-        raise ValueError("no parameters to optimize (is the model adapted?)")
-    return groups
-
-
-def _check(lr: float, delta: float) -> None:
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if not delta >= 0:
-        raise ValueError(f"delta must be >= 0, got {delta!r}")
 
 
 def _scaled_gradients(param_groups: list[dict[str, Any]]) -> list[tuple[Tensor, Tensor]]:
@@ -68,14 +41,16 @@ def _scaled_gradients(param_groups: list[dict[str, Any]]) -> list[tuple[Tensor, 
     out: list[tuple[Tensor, Tensor]] = []
     for group in param_groups:
         if group["pair"] is None:
-            out += [(p, _grad(p, "a parameter")) for p in group["params"] if p.grad is not None]
+            out += [
+                (p, checked_grad(p, "a parameter")) for p in group["params"] if p.grad is not None
+            ]
             continue
         A, B = group["params"]
         if A.grad is None and B.grad is None:
             continue  # the pair took no part in the loss: nothing to do
         name = group["pair"]
         gA, gB = riemannian_precondition(
-            _grad(A, f"{name}.A"), _grad(B, f"{name}.B"), A, B, group["delta"]
+            checked_grad(A, f"{name}.A"), checked_grad(B, f"{name}.B"), A, B, group["delta"]
         )
         out += [(A, gA), (B, gB)]
     return out
@@ -101,16 +76,13 @@ class ScaledSGD(torch.optim.Optimizer):
         lr: float,
         delta: float = DEFAULT_DELTA,
     ) -> None:
-        _check(lr, delta)
-        super().__init__(_groups(pairs, others), {"lr": lr, "delta": delta})
+        check_options(lr, delta)
+        super().__init__(pair_groups(pairs, others), {"lr": lr, "delta": delta})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One step; every gradient is checked before any parameter changes."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
         for p, g in _scaled_gradients(self.param_groups):
             p.add_(g, alpha=-lr_of[id(p)])
@@ -136,21 +108,14 @@ class ScaledAdamW(torch.optim.AdamW):
         delta: float = DEFAULT_DELTA,
         **adamw: Any,
     ) -> None:
-        _check(lr, delta)
-        super().__init__(_groups(pairs, others), lr=lr, **adamw)
-        self.defaults["delta"] = delta
-        for group in self.param_groups:
-            group.setdefault("delta", delta)
+        check_options(lr, delta)
+        super().__init__(pair_groups(pairs, others), lr=lr, **adamw)
+        set_group_defaults(self, delta=delta)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Precondition the pairs' gradients (all checked first), then AdamW's step on them."""
-        loss = None
-        if (
-            closure is not None
-        ):  # evaluated here, so AdamW's own step sees the preconditioned gradients
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)  # here, so that AdamW's own step sees the preconditioned gradients
         for p, g in _scaled_gradients(self.param_groups):
             if p.grad is not g:
                 p.grad.copy_(g)

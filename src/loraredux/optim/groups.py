@@ -1,0 +1,76 @@
+"""What the pair optimizers share: one parameter group per factor pair, the option checks, the gradient checks.
+
+Each pair is its own group (`{"params": [...], "pair": layer path}`), so the pair is explicit and per-group
+options (`lr`, `delta`) can be changed by the user; other trainable tensors form one group with `"pair": None`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .pairs import Pair
+
+__all__ = ["check_options", "checked_grad", "evaluate", "pair_groups", "set_group_defaults"]
+
+
+def checked_grad(p: Tensor, name: str) -> Tensor:
+    """p's gradient (zeros if it has none).
+
+    Raises:
+        FloatingPointError: a non-finite entry (raised before any parameter changes).
+    """
+    g = p.grad if p.grad is not None else torch.zeros_like(p)
+    if not torch.isfinite(g).all():
+        raise FloatingPointError(
+            f"{name}: the gradient has non-finite entries; no parameter was changed"
+        )
+    return g
+
+
+def pair_groups(
+    pairs: Sequence[Pair],
+    others: Sequence[nn.Parameter],
+    factors: Callable[[Pair], list[nn.Parameter]] = lambda pair: [pair.A, pair.B],
+) -> list[dict[str, Any]]:
+    """One group per pair holding `factors(pair)` (each pair checked), plus one group of the others.
+
+    Raises:
+        ValueError: a pair whose shapes do not match, or no parameters at all.
+    """
+    groups: list[dict[str, Any]] = []
+    for pair in pairs:
+        pair.check()
+        groups.append({"params": factors(pair), "pair": pair.name})
+    if others:
+        groups.append({"params": list(others), "pair": None})
+    if not groups:
+        raise ValueError("no parameters to optimize (is the model adapted?)")
+    return groups
+
+
+def check_options(lr: float, delta: float) -> None:
+    """Raises ValueError unless lr > 0 and delta >= 0."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not delta >= 0:
+        raise ValueError(f"delta must be >= 0, got {delta!r}")
+
+
+def set_group_defaults(optimizer: torch.optim.Optimizer, **defaults: Any) -> None:
+    """Options a base optimizer (AdamW) does not know, as defaults and in every group."""
+    optimizer.defaults.update(defaults)
+    for group in optimizer.param_groups:
+        for key, value in defaults.items():
+            group.setdefault(key, value)
+
+
+def evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """The closure's loss, with autograd on (step runs under no_grad); evaluated before any gradient is used."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
