@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from .functional import lora_fa_gradient, riemannian_precondition
+from .groups import CheckedAdamW
 from .lora_fa import LoraFA
 from .pairs import Pair, find_pairs
 from .scaled import DEFAULT_DELTA, ScaledAdamW, ScaledSGD
 
 __all__ = [
+    "CheckedAdamW",
     "LoraFA",
     "Pair",
     "ScaledAdamW",
@@ -50,8 +52,8 @@ def _split(model: nn.Module) -> tuple[list[Pair], list[nn.Parameter]]:
 
 
 def _adamw(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimizer:
-    """Plain AdamW over the trainable parameters (the reference)."""
-    return torch.optim.AdamW(_trainable(model), lr=lr, **options)
+    """Plain AdamW over the trainable parameters (the reference; a non-finite gradient is an error)."""
+    return CheckedAdamW(_trainable(model), lr=lr, **options)
 
 
 def _loraplus(
@@ -72,7 +74,7 @@ def _loraplus(
     ]
     if others:
         groups.append({"params": others, "lr": lr})
-    return torch.optim.AdamW(groups, lr=lr, **{"weight_decay": 0.0, **options})
+    return CheckedAdamW(groups, lr=lr, **{"weight_decay": 0.0, **options})
 
 
 def _scaled_sgd(model: nn.Module, lr: float, delta: float = DEFAULT_DELTA) -> torch.optim.Optimizer:
@@ -125,13 +127,15 @@ def create(name: str, model: nn.Module, lr: float, **options: Any) -> torch.opti
     """The optimizer `name` over the model's adapter parameters.
 
     Raises:
-        ValueError: an unknown name (listing the available ones), a model without trainable parameters or
+        ValueError: an unknown name (listing the available ones), lr <= 0, a model without trainable parameters or
             factor pairs where the optimizer needs them, a bad option.
     """
     try:
         make = _OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; available: {available()}") from None
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"optimizer {name!r}: lr must be a number > 0, got {lr!r}")
     try:
         return make(model, lr, **options)
     except TypeError as err:

@@ -14,7 +14,15 @@ from torch import Tensor, nn
 
 from .pairs import Pair
 
-__all__ = ["check_options", "checked_grad", "evaluate", "pair_groups", "set_group_defaults"]
+__all__ = [
+    "CheckedAdamW",
+    "check_finite",
+    "check_options",
+    "checked_grad",
+    "evaluate",
+    "pair_groups",
+    "set_group_defaults",
+]
 
 
 def checked_grad(p: Tensor, name: str) -> Tensor:
@@ -31,6 +39,40 @@ def checked_grad(p: Tensor, name: str) -> Tensor:
     return g
 
 
+def check_finite(param_groups: Sequence[dict[str, Any]]) -> None:
+    """Every gradient in the groups is finite (one reduction, one device sync).
+
+    Raises:
+        FloatingPointError: naming the group's pair (or the parameter's shape) of the first non-finite gradient;
+            raised before any parameter changes.
+    """
+    found = [(g, p) for g in param_groups for p in g["params"] if p.grad is not None]
+    if not found:
+        return
+    finite = torch.stack([p.grad.isfinite().all() for _, p in found])
+    if bool(finite.all()):
+        return
+    group, p = found[int((~finite).nonzero()[0])]
+    where = group.get("pair") or f"a parameter of shape {tuple(p.shape)}"
+    raise FloatingPointError(
+        f"{where}: the gradient has non-finite entries; no parameter was changed"
+    )
+
+
+class CheckedAdamW(torch.optim.AdamW):
+    """torch's AdamW that refuses a non-finite gradient (FloatingPointError, nothing changed) instead of writing
+    NaN into the weights and moments; otherwise the same step. (Under AMP, `GradScaler.step` skips steps with
+    inf gradients before calling this, as with any optimizer.)"""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Evaluate the closure, check every gradient, then AdamW's step."""
+        loss = evaluate(closure)
+        check_finite(self.param_groups)
+        super().step()
+        return loss
+
+
 def pair_groups(
     pairs: Sequence[Pair],
     others: Sequence[nn.Parameter],
@@ -39,12 +81,18 @@ def pair_groups(
     """One group per pair holding `factors(pair)` (each pair checked), plus one group of the others.
 
     Raises:
-        ValueError: a pair whose shapes do not match, or no parameters at all.
+        ValueError: a pair whose shapes do not match, a factor to optimize that is frozen, or no parameters.
     """
     groups: list[dict[str, Any]] = []
     for pair in pairs:
         pair.check()
-        groups.append({"params": factors(pair), "pair": pair.name})
+        params = factors(pair)
+        if not all(p.requires_grad for p in params):
+            raise ValueError(
+                f"{pair.name}: a factor this optimizer trains is frozen (requires_grad=False); unfreeze it "
+                "(another optimizer, such as lora_fa, may have frozen it)"
+            )
+        groups.append({"params": params, "pair": pair.name})
     if others:
         groups.append({"params": list(others), "pair": None})
     if not groups:

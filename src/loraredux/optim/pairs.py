@@ -33,14 +33,13 @@ class Pair:
     scale: float
 
     def check(self) -> None:
-        """Raises ValueError unless A is (r, in) and B is (out, r) with the same r, both trainable."""
+        """Raises ValueError unless A is (r, in) and B is (out, r) with the same r. (Whether a factor must be
+        trainable is the optimizer's business: LoRA-FA freezes A.)"""
         if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
             raise ValueError(
                 f"{self.name}: a factor pair needs A (r, in) and B (out, r) with the same r, got A "
                 f"{tuple(self.A.shape)} and B {tuple(self.B.shape)}"
             )
-        if not (self.A.requires_grad and self.B.requires_grad):
-            raise ValueError(f"{self.name}: both factors must be trainable (requires_grad)")
 
 
 def find_pairs(model: nn.Module) -> list[Pair]:

@@ -1,8 +1,7 @@
-"""The optimizers' mathematics as pure functions over tensors (the classes in this package stay thin).
+"""Riemannian / scaled preconditioning of a factor pair and LoRA-FA's projected gradient (pure functions).
 
-Riemannian / scaled preconditioning of a factor pair (Zhang & Pilanci, "Riemannian Preconditioned LoRA for
-Fine-Tuning Foundation Models", ICML 2024, arXiv 2402.02347; the ScaledGD of Tong, Ma, Chi for low-rank matrix
-estimation):
+Scaled preconditioning (Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models",
+ICML 2024, arXiv 2402.02347; the ScaledGD of Tong, Ma, Chi for low-rank matrix estimation):
 
     grad_A <- (B^T B + delta I)^{-1} grad_A        grad_B <- grad_B (A A^T + delta I)^{-1}
 
@@ -16,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lora_fa_gradient", "riemannian_precondition"]
+__all__ = ["lora_fa_gradient", "riemannian_precondition", "solve_spd"]
 
 
-def _solve_spd(M: Tensor, rhs: Tensor, delta: float, what: str) -> Tensor:
+def solve_spd(M: Tensor, rhs: Tensor, delta: float, what: str) -> Tensor:
     """(M + delta I)^{-1} rhs for a symmetric positive semi-definite r x r M, by Cholesky (no explicit inverse).
 
     Raises:
@@ -63,8 +62,8 @@ def riemannian_precondition(
         raise ValueError(f"delta must be >= 0, got {delta!r}")
     work = torch.promote_types(A.dtype, torch.float32)
     A_, B_ = A.detach().to(work), B.detach().to(work)
-    gA = _solve_spd(B_.T @ B_, grad_A.to(work), delta, "B^T B")  # (r, in)
-    gB = _solve_spd(A_ @ A_.T, grad_B.to(work).T, delta, "A A^T").T  # (out, r); A A^T is symmetric
+    gA = solve_spd(B_.T @ B_, grad_A.to(work), delta, "B^T B")  # (r, in)
+    gB = solve_spd(A_ @ A_.T, grad_B.to(work).T, delta, "A A^T").T  # (out, r); A A^T is symmetric
     return gA.to(grad_A.dtype), gB.to(grad_B.dtype)
 
 
@@ -95,5 +94,5 @@ def lora_fa_gradient(grad_B: Tensor, A: Tensor, scale: float, delta: float = 1e-
         raise ValueError(f"delta must be >= 0, got {delta!r}")
     work = torch.promote_types(A.dtype, torch.float32)
     A_ = A.detach().to(work)
-    g = _solve_spd(A_ @ A_.T, grad_B.to(work).T, delta, "A A^T").T  # (out, r)
+    g = solve_spd(A_ @ A_.T, grad_B.to(work).T, delta, "A A^T").T  # (out, r)
     return (g / scale**2).to(grad_B.dtype)
