@@ -23,6 +23,10 @@ CONTRACT_OPTIONS: dict[str, dict[str, Any]] = {}
 # from (G A, B G^{-1}) gives the same W' (float64, relative gap < 1e-8). Every other optimizer must fail the same
 # check (the negative control), so a claim cannot be missing and a wrong claim cannot pass.
 GAUGE_INVARIANT: dict[str, dict[str, Any]] = {
+    "altlora": {"delta": 0.0},
+    "lora_rite": {"delta": 0.0},  # any betas, eps, weight_decay, escape
+    "lora_pro": {"delta": 0.0, "x": "zero"},  # not the default x: Sylvester's X is 1st-order only
+    "reflora": {"mode": "refactor", "delta": 0.0},  # not the default mode, "precondition"
     "scaled_sgd": {"delta": 0.0},
 }
 

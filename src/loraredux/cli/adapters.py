@@ -51,6 +51,12 @@ def add_adapter_commands(sub: Any) -> None:
     )
     p.set_defaults(run=_cmd_inits)
 
+    p = sub.add_parser(
+        "optimizers",
+        help="list the registered optimizers (train --optimizer NAME) and their options",
+    )
+    p.set_defaults(run=_cmd_optimizers)
+
 
 def _load_base(adapter_dir: Path, model_arg: str | None) -> Any:
     """The bare base model an adapter directory was trained on (or `--model`)."""
@@ -193,4 +199,28 @@ def _cmd_inits(args: argparse.Namespace) -> int:
     print(
         "base: it moves the frozen base weight (* not by a low-rank term: no rank-2r PEFT conversion)"
     )
+    return 0
+
+
+def _cmd_optimizers(args: argparse.Namespace) -> int:
+    import textwrap
+
+    import loraredux as lx
+
+    for name in lx.optim.available():
+        d = lx.optim.describe(name)
+        print(
+            textwrap.fill(d.summary, 114, initial_indent=f"{name:<13} ", subsequent_indent=" " * 14)
+        )
+        options = [f"{k}={v!r}" for k, v in d.options.items()]
+        if d.passes_on:
+            options.append("and torch.optim.AdamW's (betas, eps, weight_decay, ...)")
+        if options:
+            lead = " " * 14 + "options: "
+            print(
+                textwrap.fill(
+                    ", ".join(options), 114, initial_indent=lead, subsequent_indent=" " * 23
+                )
+            )
+    print("set options with train --optimizer NAME --optimizer-option KEY=VALUE")
     return 0

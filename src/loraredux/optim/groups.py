@@ -16,6 +16,8 @@ from .pairs import Pair
 
 __all__ = [
     "CheckedAdamW",
+    "check_choice",
+    "check_count",
     "check_finite",
     "check_options",
     "checked_grad",
@@ -106,6 +108,18 @@ def check_options(lr: float, delta: float) -> None:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not delta >= 0:
         raise ValueError(f"delta must be >= 0, got {delta!r}")
+
+
+def check_count(name: str, value: Any, least: int) -> None:
+    """Raises ValueError unless `value` is an integer >= least (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raises ValueError unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def set_group_defaults(optimizer: torch.optim.Optimizer, **defaults: Any) -> None:

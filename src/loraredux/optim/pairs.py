@@ -13,7 +13,7 @@ from torch import nn
 
 from ..verbs import adapters
 
-__all__ = ["Pair", "find_pairs"]
+__all__ = ["Pair", "find_pairs", "split_model"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,23 @@ def find_pairs(model: nn.Module) -> list[Pair]:
         pair.check()
         found.append(pair)
     return found
+
+
+def split_model(model: nn.Module, optimizer: str) -> tuple[list[Pair], list[nn.Parameter]]:
+    """The model's factor pairs and its other trainable parameters, for the pair optimizer `optimizer`.
+
+    Raises:
+        ValueError: the model has no trainable parameter, or no factor pair.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameter: adapt it first (lx.adapt_)"
+        )
+    pairs = find_pairs(model)
+    if not pairs:
+        raise ValueError(
+            f"{optimizer} needs factor pairs (LoRA or DoRA adapters); the model has none"
+        )
+    paired = {id(t) for pair in pairs for t in (pair.A, pair.B)}
+    return pairs, [p for p in params if id(p) not in paired]
