@@ -9,8 +9,9 @@ which would flatter them). Measured per rank:
   1. the **training step** (LM loss forward + backward + `optimizer.step()` + `zero_grad`), interleaved round-robin
      over all optimizers, only rounds no other process disturbed counting (`_common.py`); the ratio to AdamW is a
      ratio of medians, with the quartiles of the per-round ratios;
-  2. the **optimizer step alone** (`optimizer.step()` on gradients kept from one backward), interleaved the same
-     way; its excess over AdamW's step, as a share of AdamW's training step, is the overhead the optimizer adds;
+  2. the **optimizer step alone** (`optimizer.step()` on gradients kept from one backward and copied back before
+     each call, the copy timed for every optimizer alike), interleaved the same way; its excess over AdamW's step,
+     as a share of AdamW's training step, is the overhead the optimizer adds;
   3. the **optimizer state** after a step: the bytes of every tensor in `optimizer.state`, against AdamW's.
 
 The issue's goal (issue 5): the r x r preconditioners cost at most 5% over AdamW on the training step; LoRA-Pro
@@ -73,6 +74,24 @@ def train_step(
     return step
 
 
+def optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """`opt.step()` on the gradients present now, restored before every call (several optimizers write their
+    transformed gradient into `.grad`, so stepping twice on one backward would compound it)."""
+    saved = [
+        (p, p.grad.detach().clone())
+        for g in opt.param_groups
+        for p in g["params"]
+        if p.grad is not None
+    ]
+
+    def step() -> None:
+        for p, g in saved:
+            p.grad.copy_(g)
+        opt.step()
+
+    return step
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(
         v.numel() * v.element_size()
@@ -104,10 +123,12 @@ def run_rank(
     train_times, train_basis = pick_rounds(rounds)
     state = {n: state_bytes(opts[n]) for n in names}
     print(f"r = {rank}: timing the optimizer step alone ...", flush=True)
-    for n in names:  # one backward each; the gradients stay for the step-only rounds
+    step_only = {}
+    for n in names:  # one backward each; every timed call restores these gradients, then steps
         models[n](input_ids=ids, labels=ids).loss.backward()
+        step_only[n] = optimizer_step(opts[n])
     step_rounds = interleaved_times(
-        {n: opts[n].step for n in names},
+        step_only,
         args.step_repeats,
         args.warmup,
         max_wait=args.max_wait,

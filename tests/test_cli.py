@@ -92,6 +92,18 @@ def test_inits_lists_every_initialiser_with_what_it_needs(capsys):
     assert "options: niter=None" in shown
 
 
+def test_optimizers_lists_every_optimizer_with_its_options(capsys):
+    assert main(["optimizers"]) == 0
+    shown = capsys.readouterr().out
+    for name in lx.optim.available():
+        assert shown.startswith(f"{name} ") or f"\n{name} " in shown
+    assert "delta=0.01" in shown and "mode='precondition'" in shown
+    assert lx.optim.describe("reflora").options["mode"] == "precondition"
+    assert lx.optim.describe("reflora").passes_on and not lx.optim.describe("scaled_sgd").passes_on
+    with pytest.raises(ValueError, match="unknown optimizer 'nosuch'"):
+        lx.optim.describe("nosuch")
+
+
 @pytest.mark.slow
 @pytest.mark.parity
 def test_train_with_a_data_aware_init_writes_a_plain_lora_for_the_original_model(tmp_path, capsys):

@@ -84,7 +84,9 @@ def _active(group: dict[str, Any], step: Tensor) -> int:
 
 def _step_count(state: dict[str, Tensor], like: Tensor) -> Tensor:
     if "step" not in state:
-        state["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU, as torch's Adam: no device sync
+        state["step"] = torch.zeros(
+            (), dtype=torch.float32
+        )  # on the CPU, as torch's Adam: no device sync
     return state["step"]
 
 

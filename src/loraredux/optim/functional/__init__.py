@@ -45,7 +45,7 @@ from .refactor import (
     reflora_s_factor,
     reflora_transform,
 )
-from .riemannian import lora_fa_gradient, riemannian_precondition, solve_spd
+from .riemannian import lora_fa_gradient, riemannian_precondition, solve_spd, spd_inverse
 from .rite import (
     RiteState,
     corrected_decay,
@@ -91,4 +91,5 @@ __all__ = [
     "riemannian_precondition",
     "rite_factor_direction",
     "solve_spd",
+    "spd_inverse",
 ]
