@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional.refactor import balanced_transform, reflora_s_factor, reflora_transform
+from .functional.refactor import balanced_from_grams, grams, reflora_s_factor, transform_from_grams
 from .groups import (
     check_choice,
     check_count,
@@ -163,13 +163,14 @@ class RefLoRA(_PairAdamW):
         for group, A, B, t in self._stepping_pairs():
             if not _refactor_due(t, group["warmup_steps"], group["interval"]):
                 continue
-            P, P_inv_T, _ = reflora_transform(A, B, group["delta"])  # identity where degenerate
+            gram_A, gram_B = grams(A, B)  # (r, r) each, computed once per pair
+            P, P_inv_T, _ = transform_from_grams(gram_A, gram_B, group["delta"])  # I if degenerate
             gA, gB = _work(A.grad, P), _work(B.grad, P)  # (r, in), (out, r)
             if group["mode"] == "precondition":
-                A.grad.copy_(P_inv_T @ (P_inv_T.T @ gA))  # S^{-1} grad_A, S^{-1} = P^{-T} P^{-1}
-                B.grad.copy_((gB @ P) @ P.T)  # grad_B S
+                A.grad.copy_((P_inv_T @ P_inv_T.T) @ gA)  # S^{-1} grad_A, S^{-1} = P^{-T} P^{-1}
+                B.grad.copy_(gB @ (P @ P.T))  # grad_B S
                 continue
-            P, P_inv_T = _nearest_signs(P, P_inv_T, A, B)
+            P, P_inv_T = _nearest_signs(P, P_inv_T, gram_A, gram_B)
             A.copy_(P.T @ _work(A, P))  # (r, in)
             B.copy_(_work(B, P) @ P_inv_T)  # (out, r)
             A.grad.copy_(P_inv_T.T @ gA)  # the gradient at the new pair: P^{-1} grad_A
@@ -178,11 +179,12 @@ class RefLoRA(_PairAdamW):
         return loss
 
 
-def _nearest_signs(P: Tensor, P_inv_T: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+def _nearest_signs(
+    P: Tensor, P_inv_T: Tensor, gram_A: Tensor, gram_B: Tensor
+) -> tuple[Tensor, Tensor]:
     """P D and P^{-T} D with D = diag(+-1) making (D P^T A, B P^{-T} D) nearest to (A, B): d_i = sign of
-    <row i of P^T A, row i of A> + <column i of B P^{-T}, column i of B>."""
-    A_, B_ = _work(A, P), _work(B, P)
-    agree = ((P.T @ A_) * A_).sum(1) + ((B_ @ P_inv_T) * B_).sum(0)  # (r,)
+    <row i of P^T A, row i of A> + <column i of B P^{-T}, column i of B> = (P^T A A^T + P^{-1} B^T B)_ii."""
+    agree = (P.T @ gram_A).diagonal() + (P_inv_T.T @ gram_B).diagonal()  # (r,)
     d = torch.where(agree < 0, -1.0, 1.0).to(P.dtype)
     return P * d, P_inv_T * d
 
@@ -287,7 +289,8 @@ class BaLoRA(_PairAdamW):
         ]
         super().step()
         for group, A, B in due:
-            P, P_inv_T, _ = balanced_transform(A, B, closest=group["projection"] == "closest")
+            closest = group["projection"] == "closest"
+            P, P_inv_T, _ = balanced_from_grams(*grams(A, B), closest)
             A.copy_(P.T @ _work(A, P))  # (r, in); unchanged where B A is rank deficient (P = I)
             B.copy_(_work(B, P) @ P_inv_T)  # (out, r)
         return loss

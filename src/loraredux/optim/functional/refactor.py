@@ -46,12 +46,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "balanced_from_grams",
     "balanced_projection",
     "balanced_transform",
+    "grams",
     "reflora_precondition",
     "reflora_refactor",
     "reflora_s_factor",
     "reflora_transform",
+    "transform_from_grams",
 ]
 
 
@@ -100,17 +103,37 @@ def reflora_transform(A: Tensor, B: Tensor, delta: float = 0.0) -> tuple[Tensor,
     _check_pair(A, B)
     if not delta >= 0:
         raise ValueError(f"delta must be >= 0, got {delta!r}")
+    return transform_from_grams(*grams(A, B), delta)
+
+
+def grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """A A^T and B^T B (r x r, float32 at least): everything the refactoring needs from the pair."""
     A_, B_ = _work(A, B)
-    r = A_.shape[0]
-    eye = torch.eye(r, dtype=A_.dtype, device=A_.device)
-    lam_A, V_A = torch.linalg.eigh(A_ @ A_.T + delta * eye)  # A A^T + delta I = V_A Sigma_A^2 V_A^T
+    return A_ @ A_.T, B_.T @ B_
+
+
+def transform_from_grams(
+    gram_A: Tensor, gram_B: Tensor, delta: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`reflora_transform` from the Gram matrices A A^T and B^T B alone (r x r work only: an optimizer computes
+    the Grams once per pair and reuses them).
+
+    Returns:
+        P, P^{-T}, ok as `reflora_transform`.
+    """
+    r = gram_A.shape[0]
+    eye = torch.eye(r, dtype=gram_A.dtype, device=gram_A.device)
+    lam_A, V_A = torch.linalg.eigh(gram_A + delta * eye)  # A A^T + delta I = V_A Sigma_A^2 V_A^T
     sigma_A = lam_A.clamp_min(0).sqrt()  # (r,)
-    BV = B_ @ (V_A * sigma_A)  # (out, r): B V_A Sigma_A
-    lam_M, V_M = torch.linalg.eigh(BV.T @ BV + delta * torch.diag(lam_A))  # M = V_M Sigma_M^2 V_M^T
+    C = V_A * sigma_A  # (r, r): V_A Sigma_A
+    M = C.T @ (gram_B + delta * eye) @ C  # Sigma_A V_A^T (B^T B + delta I) V_A Sigma_A
+    lam_M, V_M = torch.linalg.eigh(
+        (M + M.T) / 2
+    )  # M = V_M Sigma_M^2 V_M^T (symmetrised against rounding)
     root_M = lam_M.clamp_min(0).pow(0.25)  # Sigma_M^{1/2}, (r,)
     ok = _well_posed(lam_A) & _well_posed(lam_M)
     P = (V_A / sigma_A) @ (V_M * root_M)  # (r, r)
-    P_inv_T = (V_A * sigma_A) @ (V_M / root_M)  # (r, r)
+    P_inv_T = C @ (V_M / root_M)  # (r, r)
     # where degenerate, the quotients above are inf/nan: `where` keeps only the identity
     return torch.where(ok, P, eye), torch.where(ok, P_inv_T, eye), ok
 
@@ -229,12 +252,23 @@ def balanced_transform(
     Raises:
         ValueError: shapes that do not form a pair.
     """
-    P, P_inv_T, ok = reflora_transform(A, B, 0.0)
+    _check_pair(A, B)
+    return balanced_from_grams(*grams(A, B), closest)
+
+
+def balanced_from_grams(
+    gram_A: Tensor, gram_B: Tensor, closest: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`balanced_transform` from the Gram matrices A A^T and B^T B alone (r x r work only).
+
+    Returns:
+        P, P^{-T}, ok as `balanced_transform`.
+    """
+    P, P_inv_T, ok = transform_from_grams(gram_A, gram_B, 0.0)
     P, P_inv_T = P.flip(1), P_inv_T.flip(1)  # singular values descending, as the SVD orders them
-    A_, B_ = _work(A, B)
     eye = torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
     # K = A_new A^T + B_new^T B: <(O^T A_new, B_new O), (A, B)> = <O, K>, maximal at O = polar factor of K
-    K = P.T @ (A_ @ A_.T) + P_inv_T.T @ (B_.T @ B_)  # (r, r)
+    K = P.T @ gram_A + P_inv_T.T @ gram_B  # (r, r)
     if closest:
         U, _, Vh = torch.linalg.svd(K)
         O = U @ Vh  # (r, r), orthogonal
