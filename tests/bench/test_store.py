@@ -1,0 +1,143 @@
+"""The benchmark store and trial grid: stable keys, the product a spec expands into, runs that survive processes
+and are never replaced once finished, and clear errors for bad specs and foreign files."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import pytest
+
+from loraredux.bench import Run, Store, Trial, expand, finite_or_none, load_spec
+
+SPEC = {
+    "suite": "sp",
+    "problems": ["sensing", {"name": "teacher", "options": {"subspace": "minor"}}],
+    "optimizers": ["adamw", {"name": "scaled_adamw", "options": {"delta": 0.01}}],
+    "ranks": [2, 4],
+    "lrs": [1e-3, 1e-2],
+    "seeds": [0, 1, 2],
+    "steps": 50,
+}
+
+
+def test_a_spec_expands_into_the_full_product_in_order_with_stable_keys():
+    trials = expand(SPEC)
+    assert (
+        len(trials) == 2 * 1 * 1 * 2 * 2 * 2 * 3
+    )  # problems, methods, inits, optimizers, ranks, lrs, seeds
+    assert [t.seed for t in trials[:3]] == [0, 1, 2]  # seeds innermost
+    assert trials[0] == Trial("sp", "sensing", "lora", 2, "adamw", 1e-3, 0, 50)
+    assert trials[-1].problem_options == {"subspace": "minor"}
+    assert trials[-1].optimizer_options == {"delta": 0.01}
+    keys = [t.key() for t in trials]
+    assert len(set(keys)) == len(keys)
+    assert keys == [
+        t.key() for t in expand(json.loads(json.dumps(SPEC)))
+    ]  # stable across a JSON round trip
+    assert Trial.from_json(trials[5].to_json()) == trials[5]
+    # the key depends on every field: one changed learning rate is another run
+    other = Trial(**{**trials[0].__dict__, "lr": 2e-3})
+    assert other.key() != trials[0].key()
+    # repeated grid values give each run once
+    assert len(expand({**SPEC, "seeds": [0, 0, 1]})) == len(trials) * 2 // 3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lr": [1e-3]}, r"unknown key\(s\) \['lr'\]"),
+        ({"ranks": [0]}, "ranks must be numbers > 0, got 0"),
+        ({"lrs": [float("nan")]}, "lrs must be numbers > 0"),
+        ({"lrs": []}, "lrs must be a non-empty list"),
+        ({"steps": 1.5}, "steps must be an integer >= 1"),
+        ({"problems": [{"name": "x", "opts": {}}]}, "a name or a table with 'name' and 'options'"),
+        ({"seeds": [True]}, "seeds must be integers"),
+    ],
+)
+def test_bad_specs_are_refused_by_name(change, message):
+    with pytest.raises(ValueError, match=message):
+        expand({**SPEC, **change})
+
+
+def test_a_missing_key_names_what_it_holds():
+    spec = {k: v for k, v in SPEC.items() if k != "lrs"}
+    with pytest.raises(ValueError, match=r"missing 'lrs' \(a list of learning rates"):
+        expand(spec)
+
+
+def test_load_spec_reads_json_and_refuses_other_text(tmp_path):
+    good = tmp_path / "spec.json"
+    good.write_text(json.dumps(SPEC))
+    assert expand(load_spec(good)) == expand(SPEC)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{suite: sp")
+    with pytest.raises(ValueError, match="not a valid JSON spec"):
+        load_spec(bad)
+
+
+def run_of(trial: Trial, status: str = "ok", loss: float = 0.5) -> Run:
+    return Run(
+        trial=trial,
+        status=status,
+        metrics={"loss": loss},
+        curves={"loss": [1.0, 0.7, loss]},
+        wall_seconds=1.25,
+        versions={"torch": "2.13.0"},
+        error=None if status == "ok" else "diverged",
+        peak_memory_bytes=1 << 20,
+        trainable_parameters=96,
+    )
+
+
+def test_runs_survive_a_new_process_and_a_finished_one_is_never_replaced(tmp_path):
+    path = tmp_path / "out" / "results.sqlite"
+    trials = expand(SPEC)
+    store = Store(path)
+    store.record(run_of(trials[0]))
+    store.record(run_of(trials[1], status="failed"))
+    again = Store(path)  # another process would open it the same way
+    assert again.finished("sp") == {trials[0].key()}
+    assert again.finished("other") == set()
+    (run,) = again.runs("sp")
+    assert (
+        run.trial == trials[0]
+        and run.metrics == {"loss": 0.5}
+        and run.curves["loss"] == [1.0, 0.7, 0.5]
+    )
+    assert (
+        run.trainable_parameters == 96 and run.peak_memory_bytes == 1 << 20 and run.finished_at > 0
+    )
+    assert [r.error for r in again.runs(status="failed")] == ["diverged"]
+    with pytest.raises(ValueError, match=r"already finished .* never replaced"):
+        again.record(run_of(trials[0], loss=0.1))
+    assert again.runs("sp")[0].metrics == {"loss": 0.5}
+    again.record(run_of(trials[1], loss=0.25))  # a failed run may be retried
+    assert again.finished() == {trials[0].key(), trials[1].key()}
+    assert len(again.runs(status=None)) == 2
+
+
+def test_non_finite_metrics_and_bad_status_are_refused_before_writing(tmp_path):
+    store = Store(tmp_path / "results.sqlite")
+    trial = expand(SPEC)[0]
+    with pytest.raises(ValueError, match="finite JSON numbers"):
+        store.record(run_of(trial, loss=math.nan))
+    with pytest.raises(ValueError, match="status is 'ok' or 'failed'"):
+        store.record(run_of(trial, status="done"))
+    assert store.runs(status=None) == []
+    assert finite_or_none(math.inf) is None and finite_or_none(2.0) == 2.0
+
+
+def test_foreign_files_are_refused(tmp_path):
+    text = tmp_path / "notes.sqlite"
+    text.write_text("these are my notes, not a database" * 50)
+    with pytest.raises(ValueError, match="not a loraredux results store"):
+        Store(text)
+    assert text.read_text().startswith("these are my notes")  # left as it was
+    newer = tmp_path / "newer.sqlite"
+    Store(newer)
+    with sqlite3.connect(newer) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(ValueError, match="schema 99; this loraredux reads schema 1"):
+        Store(newer)
