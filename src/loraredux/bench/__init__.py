@@ -1,16 +1,21 @@
 """Head-to-head benchmarks (issue 6): trials expanded from a spec (`trial.py`) and a SQLite store of every run
-(`store.py`). The suites, the runner and the reports build on these."""
+(`store.py`), and the runner that fills it (`runner.py`). The suites and the reports build on these."""
 
+from .runner import Outcome, RunSummary, library_versions, run_trials
 from .store import SCHEMA_VERSION, Run, Store, finite_or_none
 from .trial import SPEC_KEYS, Trial, expand, load_spec
 
 __all__ = [
     "SCHEMA_VERSION",
     "SPEC_KEYS",
+    "Outcome",
     "Run",
+    "RunSummary",
     "Store",
     "Trial",
     "expand",
     "finite_or_none",
+    "library_versions",
     "load_spec",
+    "run_trials",
 ]
