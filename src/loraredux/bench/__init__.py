@@ -1,5 +1,5 @@
-"""Head-to-head benchmarks (issue 6): trials expanded from a spec (`trial.py`) and a SQLite store of every run
-(`store.py`), and the runner that fills it (`runner.py`). The suites and the reports build on these."""
+"""Head-to-head benchmarks (issue 6): trials expanded from a spec (`trial.py`), a SQLite store of every run
+(`store.py`), the runner that fills it (`runner.py`), and the suites (`suites/`: `sp`'s `sensing` so far)."""
 
 from .runner import Outcome, RunSummary, library_versions, run_trials
 from .store import SCHEMA_VERSION, Run, Store, finite_or_none

@@ -1,0 +1,133 @@
+"""The `sp` suite: signal-processing problems with known answers (issue 6).
+
+`sensing`: low-rank matrix sensing of the update. A frozen random W0 (out, in) is adapted; the planted update M*
+has rank `true_rank` and singular values from 1 down to 1 / `kappa` (log-spaced); the data are m = `oversample`
+x true_rank (out + in) Gaussian measurements y_i = <X_i, M*> + `noise` e_i (the entries of X_i and e_i i.i.d.
+N(0, 1), so E <X_i, M>^2 = ||M||_F^2). The loss is the mean squared residual
+(<X_i, W' - W0> - y_i)^2, whatever the method's W' is (its `effective_weight()`). Metrics, against the truth:
+`relative_error` ||W' - W0 - M*||_F / ||M*||_F, `steps_to_tol` (the first step with relative error <= `tol`, or None),
+`subspace_angle` (degrees, the largest principal angle between the top-true_rank left singular subspaces of
+W' - W0 and of M*), and the final `loss`; curves of the relative error and the loss every `every` steps.
+A non-finite loss (a learning rate past the stable range) raises FloatingPointError: the runner stores a failed run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+import loraredux as lx
+
+from ..runner import Outcome
+from ..trial import Trial
+
+__all__ = ["SENSING_DEFAULTS", "planted_update", "sensing", "subspace_angle"]
+
+SENSING_DEFAULTS: dict[str, Any] = {
+    "out": 24,
+    "in": 20,
+    "true_rank": 3,
+    "kappa": 10.0,
+    "noise": 0.0,
+    "oversample": 5,
+    "tol": 1e-3,
+    "every": 10,
+}
+
+
+def planted_update(
+    out: int, inp: int, rank: int, kappa: float, gen: torch.Generator
+) -> torch.Tensor:
+    """U diag(s) V^T (out, in) with orthonormal U, V and s log-spaced from 1 to 1 / kappa (float64)."""
+    U, _ = torch.linalg.qr(torch.randn(out, rank, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(inp, rank, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, -math.log10(kappa), rank, dtype=torch.float64)
+    return U @ torch.diag(s) @ V.T
+
+
+def subspace_angle(P: torch.Tensor, Q: torch.Tensor, rank: int) -> float:
+    """The largest principal angle, in degrees, between the top-`rank` left singular subspaces of P and Q."""
+    Up = torch.linalg.svd(P, full_matrices=False).U[:, :rank]
+    Uq = torch.linalg.svd(Q, full_matrices=False).U[:, :rank]
+    cosines = torch.linalg.svdvals(Up.T @ Uq).clamp(max=1.0)
+    return math.degrees(math.acos(float(cosines.min())))
+
+
+def sensing(trial: Trial) -> Outcome:
+    """One run of low-rank matrix sensing of the update (see the module docstring).
+
+    Raises:
+        ValueError: an unknown problem option (naming it and the known ones).
+        FloatingPointError: the loss became non-finite.
+    """
+    unknown = sorted(set(trial.problem_options) - set(SENSING_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"sensing: unknown option(s) {unknown}; the options are {sorted(SENSING_DEFAULTS)}"
+        )
+    o = {**SENSING_DEFAULTS, **trial.problem_options}
+    gen = torch.Generator().manual_seed(trial.seed)
+    out, inp, k = int(o["out"]), int(o["in"]), int(o["true_rank"])
+    truth = planted_update(out, inp, k, float(o["kappa"]), gen)  # (out, in)
+    m = int(o["oversample"]) * k * (out + inp)
+    X = torch.randn(m, out, inp, generator=gen, dtype=torch.float64)  # (m, out, in)
+    y = torch.einsum("moi,oi->m", X, truth) + float(o["noise"]) * torch.randn(
+        m, generator=gen, dtype=torch.float64
+    )
+
+    torch.manual_seed(trial.seed)
+    model = nn.Sequential(nn.Linear(inp, out, bias=False)).double()
+    fields = {"rank": trial.rank, **trial.method_options}
+    if trial.init is not None:
+        fields["init"] = trial.init
+    lx.adapt_(model, lx.config(trial.method, **fields), ["0"])
+    layer = model[0]
+    W0 = layer.base.weight.detach().clone()  # (out, in)
+    opt = lx.optim.create(trial.optimizer, model, lr=trial.lr, **trial.optimizer_options)
+    norm = torch.linalg.matrix_norm(truth)
+
+    def loss_now() -> torch.Tensor:
+        update = layer.effective_weight() - W0  # (out, in)
+        return ((torch.einsum("moi,oi->m", X, update) - y) ** 2).mean()
+
+    def error_now() -> float:
+        with torch.no_grad():
+            return float(torch.linalg.matrix_norm(layer.effective_weight() - W0 - truth) / norm)
+
+    def loss_value() -> float:
+        with torch.no_grad():
+            return float(loss_now())
+
+    curves: dict[str, list[float]] = {"relative_error": [error_now()], "loss": [loss_value()]}
+    steps_to_tol = None
+    for step in range(1, trial.steps + 1):
+        opt.zero_grad()
+        loss = loss_now()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"sensing: the loss is {loss.item()} at step {step}")
+        loss.backward()
+        opt.step()
+        err = error_now()
+        if steps_to_tol is None and err <= o["tol"]:
+            steps_to_tol = step
+        if step % int(o["every"]) == 0 or step == trial.steps:
+            curves["relative_error"].append(err)
+            curves["loss"].append(loss_value())
+    final = loss_value()
+    if not math.isfinite(final):
+        raise FloatingPointError(f"sensing: the loss is {final} after the last step")
+    with torch.no_grad():
+        update = layer.effective_weight() - W0
+    return Outcome(
+        metrics={
+            "relative_error": error_now(),
+            "steps_to_tol": steps_to_tol,
+            "subspace_angle": subspace_angle(update, truth, k),
+            "loss": final,
+        },
+        curves=curves,
+        trainable_parameters=sum(p.numel() for p in lx.trainable_parameters(model).values()),
+    )

@@ -1,0 +1,79 @@
+"""The `sp` suite's sensing problem: it measures against the planted truth (recovered without noise, an error floor
+with noise, conditioning slows plain Adam), and a diverging learning rate is a stored failure, not a crash."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loraredux.bench import Store, Trial, expand, run_trials
+from loraredux.bench.suites import execute
+from loraredux.bench.suites.sp import planted_update, subspace_angle
+
+
+def trial(optimizer="adamw", lr=1e-2, steps=300, **problem):
+    return Trial("sp", "sensing", "lora", 3, optimizer, lr, 0, steps, problem_options=problem)
+
+
+def test_the_planted_update_has_the_asked_rank_and_condition_number():
+    M = planted_update(12, 10, 3, 100.0, torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(M)
+    assert torch.allclose(s[:3], torch.tensor([1.0, 0.1, 0.01], dtype=torch.float64))
+    assert s[3:].max() < 1e-12
+
+
+def test_subspace_angle_is_zero_for_one_subspace_and_ninety_for_orthogonal_ones():
+    Q, _ = torch.linalg.qr(torch.randn(8, 4, dtype=torch.float64))
+    P = Q[:, :2] @ torch.randn(2, 5, dtype=torch.float64)
+    assert subspace_angle(P, Q[:, :2] @ torch.randn(2, 5, dtype=torch.float64), 2) < 1e-5
+    assert subspace_angle(P, Q[:, 2:] @ torch.randn(2, 5, dtype=torch.float64), 2) == pytest.approx(
+        90.0
+    )
+
+
+def test_noise_free_sensing_is_recovered_and_noise_leaves_a_floor():
+    clean = execute(trial(kappa=1.0))
+    assert clean.metrics["relative_error"] < 1e-3 and clean.metrics["subspace_angle"] < 1.0
+    assert clean.metrics["steps_to_tol"] is not None
+    assert clean.curves["relative_error"][0] == pytest.approx(1.0)  # LoRA starts at Delta W = 0
+    assert clean.trainable_parameters == 3 * (24 + 20)
+    noisy = execute(trial(kappa=1.0, noise=0.3))
+    assert noisy.metrics["relative_error"] > 10 * clean.metrics["relative_error"]
+    assert noisy.metrics["steps_to_tol"] is None
+
+
+def test_conditioning_slows_plain_adam_on_the_smallest_direction():
+    easy = execute(trial(kappa=1.0)).metrics
+    hard = execute(trial(kappa=100.0)).metrics
+    assert hard["relative_error"] > 5 * easy["relative_error"]
+
+
+def test_a_diverging_learning_rate_is_stored_as_a_failed_run(tmp_path):
+    spec = {
+        "suite": "sp",
+        "problems": ["sensing"],
+        "optimizers": ["scaled_sgd"],
+        "ranks": [3],
+        "lrs": [0.05, 5.0],
+        "steps": 60,
+    }
+    store = Store(tmp_path / "results.sqlite")
+    summary = run_trials(expand(spec), store, execute, progress=False)
+    assert (summary.finished, summary.failed) == (1, 1)
+    (failed,) = store.runs("sp", status="failed")
+    assert failed.trial.lr == 5.0 and failed.error.startswith(
+        "FloatingPointError: sensing: the loss is"
+    )
+    (ok,) = store.runs("sp")
+    assert (
+        math.isfinite(ok.metrics["loss"]) and ok.peak_memory_bytes is None
+    ) or ok.peak_memory_bytes >= 0
+
+
+def test_unknown_problem_options_and_problems_are_named():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['kapa'\]"):
+        execute(trial(kapa=3))
+    with pytest.raises(ValueError, match="has no problem 'nosuch'"):
+        execute(Trial("sp", "nosuch", "lora", 3, "adamw", 1e-2, 0, 1))
