@@ -12,6 +12,7 @@ import os
 import sys
 
 from .adapters import add_adapter_commands
+from .bench import add_bench
 from .common import UsageError
 from .train import add_train
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train(sub)
     add_adapter_commands(sub)
+    add_bench(sub)
     return parser
 
 

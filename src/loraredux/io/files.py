@@ -33,6 +33,7 @@ __all__ = [
     "read_adapter_config",
     "write_adapter",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -104,8 +105,13 @@ def write_adapter(
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write `data` as JSON to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
     text = json.dumps(data, indent=2) + "\n"  # fails here, before anything is written
+    return write_text_atomic(path, text)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` (UTF-8) to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

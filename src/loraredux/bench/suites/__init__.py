@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ..runner import Outcome
 from ..trial import Trial
 from .sp import sensing
 
-__all__ = ["SUITES", "execute"]
+__all__ = ["SPECS", "SUITES", "execute"]
 
 SUITES: dict[str, dict[str, Callable[[Trial], Outcome]]] = {
     "sp": {"sensing": sensing},
+}
+
+
+# The default specs of each suite: "quick" (minutes on 2 cores; CI runs sp's) and "full".
+_SP_OPTIMIZERS = ["adamw", "scaled_adamw", "reflora", "altlora", "lora_rite"]
+SPECS: dict[str, dict[str, dict[str, Any]]] = {
+    "sp": {
+        "quick": {
+            "suite": "sp",
+            "problems": [{"name": "sensing", "options": {"kappa": k}} for k in (1.0, 10.0, 100.0)],
+            "optimizers": _SP_OPTIMIZERS,
+            "ranks": [3],
+            "lrs": [3e-3, 1e-2, 3e-2],
+            "seeds": [0, 1, 2],
+            "steps": 300,
+        },
+        "full": {
+            "suite": "sp",
+            "problems": [
+                {"name": "sensing", "options": {"kappa": k, "noise": n}}
+                for k in (1.0, 10.0, 100.0, 1000.0)
+                for n in (0.0, 0.1)
+            ],
+            "optimizers": [*_SP_OPTIMIZERS, "scaled_sgd", "loraplus", "reflora_s", "balora", "bar"],
+            "ranks": [3],
+            "lrs": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+            "seeds": [0, 1, 2],
+            "steps": 1000,
+        },
+    },
 }
 
 
