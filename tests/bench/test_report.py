@@ -76,3 +76,14 @@ def test_the_bench_command_runs_a_spec_resumes_and_renders(tmp_path, capsys):
     assert main(["bench", "nosuch", "--out", str(out)]) == 2
     assert "unknown suite 'nosuch'" in capsys.readouterr().err
     assert main(["bench", "sp"]) == 2
+    assert main(["bench", "sp", "--preset", "nosuch", "--out", str(out)]) == 2
+    assert "has no preset 'nosuch'" in capsys.readouterr().err
+
+
+def test_every_preset_expands():
+    from loraredux.bench import expand
+    from loraredux.bench.suites import SPECS
+
+    for suite, presets in SPECS.items():
+        for name, spec in presets.items():
+            assert expand(spec), (suite, name)

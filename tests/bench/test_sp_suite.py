@@ -77,3 +77,46 @@ def test_unknown_problem_options_and_problems_are_named():
         execute(trial(kapa=3))
     with pytest.raises(ValueError, match="has no problem 'nosuch'"):
         execute(Trial("sp", "nosuch", "lora", 3, "adamw", 1e-2, 0, 1))
+
+
+@pytest.mark.parametrize(
+    ("subspace", "good", "bad"), [("principal", "pissa", "milora"), ("minor", "milora", "pissa")]
+)
+def test_teacher_student_rewards_the_init_whose_subspace_holds_the_update(subspace, good, bad):
+    """The planted update lies in W0's principal (or minor) singular directions: PiSSA (MiLoRA) starts there and
+    ends far closer to it after the same 100 AdamW steps than the init aimed at the other end of the spectrum."""
+
+    def error(init):
+        t = Trial("sp", "teacher", "lora", 3, "adamw", 1e-2, 0, 100, init=init,
+                  problem_options={"subspace": subspace})  # fmt: skip
+        return execute(t).metrics["relative_error"]
+
+    assert error(good) < error(bad) / 3
+
+
+def test_teacher_weights_plant_the_update_where_asked():
+    from loraredux.bench.suites.sp import TEACHER_DEFAULTS, teacher_weights
+
+    for subspace, index in (("principal", slice(0, 3)), ("minor", slice(17, 20))):
+        W0, truth = teacher_weights(
+            {**TEACHER_DEFAULTS, "subspace": subspace}, torch.Generator().manual_seed(0)
+        )
+        U0 = torch.linalg.svd(W0).U[:, index]
+        U = torch.linalg.svd(truth).U[:, :3]
+        assert (
+            torch.linalg.svdvals(U0.T @ U).min() > 1 - 1e-9
+        )  # the same 3-dimensional column space
+    with pytest.raises(ValueError, match="subspace must be one of"):
+        execute(
+            Trial(
+                "sp",
+                "teacher",
+                "lora",
+                3,
+                "adamw",
+                1e-2,
+                0,
+                1,
+                problem_options={"subspace": "middle"},
+            )
+        )

@@ -21,7 +21,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("directory", nargs="?", type=Path, help="with 'report': the benchmark folder")
     p.add_argument("--out", type=Path, help="the benchmark folder (created if missing)")
     p.add_argument(
-        "--quick", action="store_true", help="the suite's quick spec (minutes) instead of the full"
+        "--quick", action="store_true", help="the suite's quick spec (minutes): --preset quick"
+    )
+    p.add_argument(
+        "--preset",
+        help="one of the suite's named specs (default full; sp has quick, full, full_teacher)",
     )
     p.add_argument("--spec", type=Path, help="a JSON spec instead of the suite's default")
     p.add_argument(
@@ -51,7 +55,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"{args.spec} is a spec of suite {spec.get('suite')!r}, not {args.what!r}"
             )
     elif args.what in SPECS:
-        spec = SPECS[args.what]["quick" if args.quick else "full"]
+        preset = "quick" if args.quick else (args.preset or "full")
+        if preset not in SPECS[args.what]:
+            raise UsageError(
+                f"suite {args.what!r} has no preset {preset!r}; it has {sorted(SPECS[args.what])}"
+            )
+        spec = SPECS[args.what][preset]
     else:
         raise UsageError(
             f"unknown suite {args.what!r}; the suites are {sorted(SPECS)} (or 'report DIR')"

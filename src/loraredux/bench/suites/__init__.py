@@ -7,16 +7,17 @@ from typing import Any
 
 from ..runner import Outcome
 from ..trial import Trial
-from .sp import sensing
+from .sp import sensing, teacher
 
 __all__ = ["SPECS", "SUITES", "execute"]
 
 SUITES: dict[str, dict[str, Callable[[Trial], Outcome]]] = {
-    "sp": {"sensing": sensing},
+    "sp": {"sensing": sensing, "teacher": teacher},
 }
 
 
-# The default specs of each suite: "quick" (minutes on 2 cores; CI runs sp's) and "full".
+# The default specs of each suite: "quick" (minutes on 2 cores; CI runs sp's), "full" and further named ones
+# (`loraredux bench sp --preset full_teacher`).
 _SP_OPTIMIZERS = ["adamw", "scaled_adamw", "reflora", "altlora", "lora_rite"]
 SPECS: dict[str, dict[str, dict[str, Any]]] = {
     "sp": {
@@ -25,6 +26,20 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
             "problems": [{"name": "sensing", "options": {"kappa": k}} for k in (1.0, 10.0, 100.0)],
             "optimizers": _SP_OPTIMIZERS,
             "ranks": [3],
+            "lrs": [3e-3, 1e-2, 3e-2],
+            "seeds": [0, 1, 2],
+            "steps": 300,
+        },
+        "full_teacher": {
+            "suite": "sp",
+            "problems": [
+                {"name": "teacher", "options": {"subspace": sub, "spectrum": spec}}
+                for sub in ("principal", "minor", "random")
+                for spec in ("decaying", "flat")
+            ],
+            "inits": ["kaiming", "pissa", "milora", "olora"],
+            "optimizers": ["adamw", "scaled_adamw"],
+            "ranks": [1, 2, 3, 4, 6],  # true rank 3: where low rank becomes the bottleneck
             "lrs": [3e-3, 1e-2, 3e-2],
             "seeds": [0, 1, 2],
             "steps": 300,

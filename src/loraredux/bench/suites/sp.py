@@ -1,4 +1,4 @@
-"""The `sp` suite: signal-processing problems with known answers (issue 6).
+"""The `sp` suite: signal-processing problems with known answers (issue 6): `sensing` and `teacher`.
 
 `sensing`: low-rank matrix sensing of the update. A frozen random W0 (out, in) is adapted; the planted update M*
 has rank `true_rank` and singular values from 1 down to 1 / `kappa` (log-spaced); the data are m = `oversample`
@@ -14,6 +14,7 @@ A non-finite loss (a learning rate past the stable range) raises FloatingPointEr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +25,15 @@ import loraredux as lx
 from ..runner import Outcome
 from ..trial import Trial
 
-__all__ = ["SENSING_DEFAULTS", "planted_update", "sensing", "subspace_angle"]
+__all__ = [
+    "SENSING_DEFAULTS",
+    "TEACHER_DEFAULTS",
+    "planted_update",
+    "sensing",
+    "subspace_angle",
+    "teacher",
+    "teacher_weights",
+]
 
 SENSING_DEFAULTS: dict[str, Any] = {
     "out": 24,
@@ -78,28 +87,127 @@ def sensing(trial: Trial) -> Outcome:
         m, generator=gen, dtype=torch.float64
     )
 
+    W0 = 0.3 * torch.randn(out, inp, generator=gen, dtype=torch.float64)  # (out, in)
+
+    def loss_of(update: torch.Tensor) -> torch.Tensor:
+        return ((torch.einsum("moi,oi->m", X, update) - y) ** 2).mean()
+
+    return _fit(trial, W0, truth, loss_of, o)
+
+
+TEACHER_DEFAULTS: dict[str, Any] = {
+    "out": 24,
+    "in": 20,
+    "true_rank": 3,
+    "subspace": "principal",
+    "spectrum": "decaying",
+    "amplitude": 0.3,
+    "kappa": 1.0,
+    "samples": 160,
+    "noise": 0.0,
+    "tol": 1e-3,
+    "every": 10,
+}
+SUBSPACES = ("principal", "minor", "random")
+SPECTRA = ("decaying", "flat")
+
+
+def teacher_weights(o: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """W0 (out, in) = U0 diag(s0) V0^T with s0 log-spaced from 1 to 1e-2 ("decaying") or all 1 ("flat"), and the
+    planted update of rank k in W0's top-k singular directions ("principal"), its bottom-k ("minor") or random
+    ones, with singular values `amplitude` x (1 ... 1 / kappa)."""
+    out, inp, k = int(o["out"]), int(o["in"]), int(o["true_rank"])
+    n = min(out, inp)
+    U0, _ = torch.linalg.qr(torch.randn(out, n, generator=gen, dtype=torch.float64))
+    V0, _ = torch.linalg.qr(torch.randn(inp, n, generator=gen, dtype=torch.float64))
+    s0 = (
+        torch.logspace(0, -2, n, dtype=torch.float64)
+        if o["spectrum"] == "decaying"
+        else torch.ones(n, dtype=torch.float64)
+    )
+    W0 = U0 @ torch.diag(s0) @ V0.T
+    s = float(o["amplitude"]) * torch.logspace(
+        0, -math.log10(float(o["kappa"])), k, dtype=torch.float64
+    )
+    if o["subspace"] == "principal":
+        U, V = U0[:, :k], V0[:, :k]
+    elif o["subspace"] == "minor":
+        U, V = U0[:, n - k :], V0[:, n - k :]
+    else:
+        U, _ = torch.linalg.qr(torch.randn(out, k, generator=gen, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(inp, k, generator=gen, dtype=torch.float64))
+    return W0, U @ torch.diag(s) @ V.T
+
+
+def teacher(trial: Trial) -> Outcome:
+    """Teacher-student adaptation: the student Linear(W0) is adapted to a teacher W0 + Delta W* from n Gaussian
+    inputs x and targets (W0 + Delta W*) x + noise e (mean squared error); Delta W* is planted in W0's principal,
+    minor or a random subspace (`teacher_weights`). Where the update lies decides which initialisation helps
+    (PiSSA: principal, MiLoRA: minor). Metrics as `sensing`.
+
+    Raises:
+        ValueError: an unknown or bad problem option.
+        FloatingPointError: the loss became non-finite.
+    """
+    unknown = sorted(set(trial.problem_options) - set(TEACHER_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"teacher: unknown option(s) {unknown}; the options are {sorted(TEACHER_DEFAULTS)}"
+        )
+    o = {**TEACHER_DEFAULTS, **trial.problem_options}
+    if o["subspace"] not in SUBSPACES or o["spectrum"] not in SPECTRA:
+        raise ValueError(
+            f"teacher: subspace must be one of {SUBSPACES} and spectrum one of {SPECTRA}, got "
+            f"{o['subspace']!r} and {o['spectrum']!r}"
+        )
+    gen = torch.Generator().manual_seed(trial.seed)
+    W0, truth = teacher_weights(o, gen)
+    n = int(o["samples"])
+    x = torch.randn(n, W0.shape[1], generator=gen, dtype=torch.float64)  # (n, in)
+    noise = float(o["noise"]) * torch.randn(n, W0.shape[0], generator=gen, dtype=torch.float64)
+    residual_target = x @ truth.T + noise  # (n, out): what the update must explain
+
+    def loss_of(update: torch.Tensor) -> torch.Tensor:
+        return ((x @ update.T - residual_target) ** 2).mean()
+
+    return _fit(trial, W0, truth, loss_of, o)
+
+
+def _fit(
+    trial: Trial,
+    W0: torch.Tensor,
+    truth: torch.Tensor,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    o: dict[str, Any],
+) -> Outcome:
+    """Adapt Linear(W0) with the trial's method, init and optimizer, minimising `loss_of(W' - W0)`, and measure
+    the update W' - W0 against `truth` (see the module docstring)."""
+    out, inp = W0.shape
+    k = int(o["true_rank"])
     torch.manual_seed(trial.seed)
     model = nn.Sequential(nn.Linear(inp, out, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(W0)
     fields = {"rank": trial.rank, **trial.method_options}
     if trial.init is not None:
         fields["init"] = trial.init
     lx.adapt_(model, lx.config(trial.method, **fields), ["0"])
     layer = model[0]
-    W0 = layer.base.weight.detach().clone()  # (out, in)
     opt = lx.optim.create(trial.optimizer, model, lr=trial.lr, **trial.optimizer_options)
     norm = torch.linalg.matrix_norm(truth)
 
     def loss_now() -> torch.Tensor:
-        update = layer.effective_weight() - W0  # (out, in)
-        return ((torch.einsum("moi,oi->m", X, update) - y) ** 2).mean()
-
-    def error_now() -> float:
-        with torch.no_grad():
-            return float(torch.linalg.matrix_norm(layer.effective_weight() - W0 - truth) / norm)
+        return loss_of(
+            layer.effective_weight() - W0
+        )  # W0 the original base, even where an init moved it
 
     def loss_value() -> float:
         with torch.no_grad():
             return float(loss_now())
+
+    def error_now() -> float:
+        with torch.no_grad():
+            return float(torch.linalg.matrix_norm(layer.effective_weight() - W0 - truth) / norm)
 
     curves: dict[str, list[float]] = {"relative_error": [error_now()], "loss": [loss_value()]}
     steps_to_tol = None
@@ -107,7 +215,7 @@ def sensing(trial: Trial) -> Outcome:
         opt.zero_grad()
         loss = loss_now()
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"sensing: the loss is {loss.item()} at step {step}")
+            raise FloatingPointError(f"{trial.problem}: the loss is {loss.item()} at step {step}")
         loss.backward()
         opt.step()
         err = error_now()
@@ -118,7 +226,7 @@ def sensing(trial: Trial) -> Outcome:
             curves["loss"].append(loss_value())
     final = loss_value()
     if not math.isfinite(final):
-        raise FloatingPointError(f"sensing: the loss is {final} after the last step")
+        raise FloatingPointError(f"{trial.problem}: the loss is {final} after the last step")
     with torch.no_grad():
         update = layer.effective_weight() - W0
     return Outcome(
