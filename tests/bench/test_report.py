@@ -3,6 +3,7 @@ same bytes when rebuilt; and the `loraredux bench` command runs a spec, resumes,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 
@@ -41,6 +42,10 @@ def test_best_of_sweep_and_sensitivity_are_computed_from_the_runs(tmp_path):
 def test_the_report_rebuilds_byte_for_byte_and_a_missing_store_is_named(tmp_path):
     stored(tmp_path)
     first = write_report(tmp_path).read_bytes()
+    if importlib.util.find_spec("matplotlib") is not None:  # the dev install has it
+        names = ["sp_lr_sensitivity.png", "sp_curves.png", "sp_cost.png"]
+        assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(names)
+        assert all(f"![{n}]({n})" in first.decode() for n in names)
     csv = (tmp_path / "runs.csv").read_bytes()
     assert (
         write_report(tmp_path).read_bytes() == first and (tmp_path / "runs.csv").read_bytes() == csv

@@ -7,7 +7,10 @@ optimizer and its options, rank). For each one the report gives:
   median wall time;
 - **learning-rate sensitivity**: the mean of the primary metric at every learning rate of the sweep (a failed run
   makes its cell "failed (k)").
-Nothing is typed in by hand: the same store gives the same files, byte for byte.
+With matplotlib installed (`pip install loraredux[bench]`), three plots per suite go beside it and into the report:
+the primary metric against the learning rate (mean over seeds, the spread as error bars), its curve over the run at
+each configuration's best learning rate (mean over seeds), and the best-of-sweep metric against trainable parameters
+and against wall time. Nothing is typed in by hand: the same store gives the same files, byte for byte.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 from ..io.files import write_text_atomic
 from .store import Run, Store
 
-__all__ = ["PRIMARY", "render", "write_report"]
+__all__ = ["PRIMARY", "plot_suite", "render", "write_report"]
 
 # suite -> (primary metric, "min" or "max")
 PRIMARY: dict[str, tuple[str, str]] = {"sp": ("relative_error", "min")}
@@ -58,7 +61,111 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render(runs: list[Run]) -> tuple[str, str]:
+def _groups(runs: list[Run]) -> dict[tuple[str, ...], dict[float, list[Run]]]:
+    by_config: dict[tuple[str, ...], dict[float, list[Run]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for run in sorted(runs, key=lambda r: (_config(r), r.trial.lr, r.trial.seed)):
+        by_config[_config(run)][run.trial.lr].append(run)
+    return by_config
+
+
+def _ok_values(group: list[Run], metric: str) -> list[float] | None:
+    """The metric over a group's seeds, or None if any run failed or lacks it."""
+    values = [r.metrics.get(metric) for r in group]
+    if any(r.status != "ok" for r in group) or any(v is None for v in values) or not values:
+        return None
+    return values
+
+
+def plot_suite(runs: list[Run], suite: str, directory: Path) -> list[str]:
+    """Write the suite's three plots into `directory` (atomic renames); returns their file names, or [] without
+    matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    metric, goal = PRIMARY[suite]
+    by_config = {c: v for c, v in _groups(runs).items() if c[0] == suite}
+    problems = sorted({c[1] for c in by_config})
+    names = []
+
+    def save(fig: Any, name: str) -> None:
+        tmp = directory / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        tmp.replace(directory / name)
+        names.append(name)
+
+    size = (5.0 * len(problems), 3.8)
+    fig, axes = plt.subplots(1, len(problems), figsize=size, squeeze=False)
+    fig2, axes2 = plt.subplots(1, len(problems), figsize=size, squeeze=False)
+    best_points = []
+    for ax, ax2, problem in zip(axes[0], axes2[0], problems, strict=True):
+        for c, per_lr in by_config.items():
+            if c[1] != problem:
+                continue
+            label = " ".join(x for x in (c[2], c[3] if c[3] != "-" else "", c[4], f"r={c[5]}") if x)
+            stats = {
+                lr: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                for lr, group in per_lr.items()
+                if (v := _ok_values(group, metric)) is not None
+            }
+            if not stats:
+                continue
+            lrs = sorted(stats)
+            ax.errorbar(lrs, [stats[x][0] for x in lrs], yerr=[stats[x][1] for x in lrs], marker="o",
+                        capsize=3, label=label)  # fmt: skip
+            best = (min if goal == "min" else max)(stats, key=lambda x: stats[x][0])
+            group = per_lr[best]
+            curves = [r.curves.get(metric) for r in group]
+            if all(isinstance(cv, list) and cv for cv in curves):
+                n = min(len(cv) for cv in curves)
+                mean = [statistics.fmean(cv[i] for cv in curves) for i in range(n)]
+                ax2.plot(range(n), mean, label=f"{label} (lr {best:g})")
+            best_points.append((label, stats[best][0], group[0].trainable_parameters,
+                                statistics.median(r.wall_seconds for r in group)))  # fmt: skip
+        for a, xlabel in ((ax, "learning rate"), (ax2, "curve point (every `every` steps)")):
+            a.set_title(problem, fontsize=9)
+            a.set_yscale("log")
+            a.set_xlabel(xlabel)
+            a.set_ylabel(metric)
+            a.grid(True, alpha=0.3)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(
+            matplotlib.ticker.NullFormatter()
+        )  # the decades only: no overlapping labels
+    for a in (axes[0][-1], axes2[0][-1]):
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    fig.tight_layout()
+    fig2.tight_layout()
+    save(fig, f"{suite}_lr_sensitivity.png")
+    save(fig2, f"{suite}_curves.png")
+    fig3, (ax_p, ax_t) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label in sorted(
+        {p[0] for p in best_points}
+    ):  # one colour per configuration, over the problems
+        mine = [p for p in best_points if p[0] == label]
+        ax_p.scatter([p[2] or 0 for p in mine], [p[1] for p in mine], s=14, label=label)
+        ax_t.scatter([p[3] for p in mine], [p[1] for p in mine], s=14, label=label)
+    if ax_t.get_legend_handles_labels()[0]:
+        ax_t.legend(fontsize=7)
+    for a, xlabel in ((ax_p, "trainable parameters"), (ax_t, "median wall time of a run, s")):
+        a.set_xlabel(xlabel)
+        a.set_ylabel(f"best-of-sweep {metric}")
+        a.set_yscale("log")
+        a.grid(True, alpha=0.3)
+    fig3.tight_layout()
+    save(fig3, f"{suite}_cost.png")
+    return names
+
+
+def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[str, str]:
     """The report (Markdown) and the CSV of every run, from stored runs only.
 
     Raises:
@@ -130,6 +237,11 @@ def render(runs: list[Run]) -> tuple[str, str]:
             "",
             _table([*head, *(f"lr {lr:g}" for lr in lrs)], sens_rows),
         ]
+        if plots is not None:
+            if plots.get(suite):
+                parts += ["", "### Plots", ""] + [f"![{name}]({name})" for name in plots[suite]]
+            else:
+                parts += ["", "(No plots: they need matplotlib, `pip install loraredux[bench]`.)"]
     return "\n".join(parts) + "\n", _csv(runs)
 
 
@@ -172,7 +284,10 @@ def write_report(directory: str | Path) -> Path:
             f"{directory} has no {STORE_NAME}: run `loraredux bench SUITE --out {directory}`"
         )
     runs = Store(path).runs(status=None)
-    text, table = render(runs)
+    plots = {
+        suite: plot_suite(runs, suite, directory) for suite in sorted({r.trial.suite for r in runs})
+    }
+    text, table = render(runs, plots)
     write_text_atomic(directory / "runs.csv", table)
     write_text_atomic(directory / "report.md", text)
     return directory / "report.md"
