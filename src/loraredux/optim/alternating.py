@@ -124,10 +124,6 @@ class AltLoRA(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         _check_first(first)
         groups = pair_groups(pairs, others)
-        scales = {pair.name: pair.scale for pair in pairs}
-        for group in groups:
-            if group["pair"] is not None:
-                group["scale"] = scales[group["pair"]]
         defaults = {
             "lr": lr,
             "beta": beta,

@@ -80,7 +80,8 @@ def pair_groups(
     others: Sequence[nn.Parameter],
     factors: Callable[[Pair], list[nn.Parameter]] = lambda pair: [pair.A, pair.B],
 ) -> list[dict[str, Any]]:
-    """One group per pair holding `factors(pair)` (each pair checked), plus one group of the others.
+    """One group per pair holding `factors(pair)` (each pair checked) with its layer path ("pair") and its scale s
+    ("scale"), plus one group of the others ("pair": None).
 
     Raises:
         ValueError: a pair whose shapes do not match, a factor to optimize that is frozen, or no parameters.
@@ -94,7 +95,7 @@ def pair_groups(
                 f"{pair.name}: a factor this optimizer trains is frozen (requires_grad=False); unfreeze it "
                 "(another optimizer, such as lora_fa, may have frozen it)"
             )
-        groups.append({"params": params, "pair": pair.name})
+        groups.append({"params": params, "pair": pair.name, "scale": pair.scale})
     if others:
         groups.append({"params": list(others), "pair": None})
     if not groups:

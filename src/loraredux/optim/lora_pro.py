@@ -120,10 +120,6 @@ class LoraPro(torch.optim.Optimizer):
         if x not in X_CHOICES:
             raise ValueError(f"x must be one of {X_CHOICES}, got {x!r}")
         groups = pair_groups(pairs, others)
-        scales = {pair.name: pair.scale for pair in pairs}
-        for group in groups:
-            if group["pair"] is not None:
-                group["scale"] = scales[group["pair"]]
         defaults = {
             "lr": lr,
             "betas": betas,

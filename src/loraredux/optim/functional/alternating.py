@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .riemannian import solve_spd
+from .riemannian import check_pair, solve_spd
 
 __all__ = [
     "CGResult",
@@ -45,14 +45,6 @@ __all__ = [
 ]
 
 Factor = Literal["A", "B"]
-
-
-def _check_pair(A: Tensor, B: Tensor) -> None:
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        raise ValueError(
-            f"a factor pair needs A (r, in) and B (out, r) with the same r; got A {tuple(A.shape)} and "
-            f"B {tuple(B.shape)}"
-        )
 
 
 def altlora_momentum(
@@ -89,7 +81,7 @@ def altlora_momentum(
     Raises:
         ValueError: shapes that do not fit, a bad factor, scale, beta or delta, or a singular metric.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     if factor not in ("A", "B"):
         raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
     own, other = (A, B) if factor == "A" else (B, A)
@@ -117,7 +109,7 @@ def altlora_momentum(
 
 
 def _sensing_check(X: Tensor, y: Tensor, A: Tensor, B: Tensor) -> None:
-    _check_pair(A, B)
+    check_pair(A, B)
     if X.ndim != 3 or X.shape[1:] != (B.shape[0], A.shape[1]) or y.shape != X.shape[:1]:
         raise ValueError(
             f"matrix sensing needs X (m, out, in) = (m, {B.shape[0]}, {A.shape[1]}) and y (m,); got X "

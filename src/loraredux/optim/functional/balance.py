@@ -28,6 +28,8 @@ import math
 import torch
 from torch import Tensor
 
+from .riemannian import check_pair
+
 __all__ = [
     "BAR_SCHEDULES",
     "BAR_VARIANTS",
@@ -41,14 +43,6 @@ __all__ = [
 
 BAR_VARIANTS = ("nbar", "obar")
 BAR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-def _check_pair(A: Tensor, B: Tensor) -> None:
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        raise ValueError(
-            f"a factor pair needs A (r, in) and B (out, r) with the same r, got A {tuple(A.shape)} and "
-            f"B {tuple(B.shape)}"
-        )
 
 
 def balancedness(A: Tensor, B: Tensor) -> Tensor:
@@ -67,7 +61,7 @@ def balancedness(A: Tensor, B: Tensor) -> Tensor:
     Raises:
         ValueError: shapes that do not form a pair.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     work = torch.promote_types(A.dtype, torch.float32)
     return 0.5 * (B.to(work).square().sum() - A.to(work).square().sum())
 
@@ -89,7 +83,7 @@ def gram_imbalance(A: Tensor, B: Tensor) -> Tensor:
     Raises:
         ValueError: shapes that do not form a pair.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     work = torch.promote_types(A.dtype, torch.float32)
     A_, B_ = A.to(work), B.to(work)
     return B_.T @ B_ - A_ @ A_.T  # (r, r)
@@ -112,7 +106,7 @@ def bar_sign(variant: str, A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor)
     Raises:
         ValueError: an unknown variant or shapes that do not form a pair.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     if grad_A.shape != A.shape or grad_B.shape != B.shape:
         raise ValueError(
             f"grad_A {tuple(grad_A.shape)} and grad_B {tuple(grad_B.shape)} must have the shapes of A "
@@ -152,7 +146,7 @@ def bar_gradient(
     Raises:
         ValueError: shapes that do not form a pair.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     return -mu * sign * A, mu * sign * B
 
 

@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .riemannian import check_pair
+
 __all__ = [
     "LoraProGrams",
     "adam_direction",
@@ -89,7 +91,7 @@ def lora_pro_grams(A: Tensor, B: Tensor, delta: float = 0.0) -> LoraProGrams:
     Raises:
         ValueError: shapes that do not form a pair, a negative delta, a singular damped Gram matrix.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     if not delta >= 0:
         raise ValueError(f"LoRA-Pro: delta must be >= 0, got {delta!r}")
     work = torch.promote_types(A.dtype, torch.float32)
@@ -104,16 +106,8 @@ def _inv(U: Tensor, a: Tensor, rhs: Tensor) -> Tensor:
     return U @ ((U.T @ rhs) / a[:, None])
 
 
-def _check_pair(A: Tensor, B: Tensor) -> None:
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        raise ValueError(
-            f"LoRA-Pro needs A (r, in) and B (out, r) with the same r; got A {tuple(A.shape)}, "
-            f"B {tuple(B.shape)}"
-        )
-
-
 def _check_grads(grad_A: Tensor, grad_B: Tensor, A: Tensor, B: Tensor) -> None:
-    _check_pair(A, B)
+    check_pair(A, B)
     if grad_A.shape != A.shape or grad_B.shape != B.shape:
         raise ValueError(
             f"LoRA-Pro: grad_A must be shaped as A {tuple(A.shape)} and grad_B as B {tuple(B.shape)}; got "

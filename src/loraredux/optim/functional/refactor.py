@@ -45,6 +45,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .riemannian import check_pair
+
 __all__ = [
     "balanced_from_grams",
     "balanced_projection",
@@ -56,14 +58,6 @@ __all__ = [
     "reflora_transform",
     "transform_from_grams",
 ]
-
-
-def _check_pair(A: Tensor, B: Tensor) -> None:
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        raise ValueError(
-            f"a factor pair needs A (r, in) and B (out, r) with the same r, got A {tuple(A.shape)} and B "
-            f"{tuple(B.shape)}"
-        )
 
 
 def _work(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,7 +94,7 @@ def reflora_transform(A: Tensor, B: Tensor, delta: float = 0.0) -> tuple[Tensor,
     Raises:
         ValueError: shapes that do not form a pair, or delta < 0.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     if not delta >= 0:
         raise ValueError(f"delta must be >= 0, got {delta!r}")
     return transform_from_grams(*grams(A, B), delta)
@@ -216,7 +210,7 @@ def reflora_s_factor(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError: shapes that do not form a pair.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     A_, B_ = _work(A, B)
     norm_A, norm_B = torch.linalg.vector_norm(A_), torch.linalg.vector_norm(B_)
     s = norm_B / norm_A
@@ -252,7 +246,7 @@ def balanced_transform(
     Raises:
         ValueError: shapes that do not form a pair.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     return balanced_from_grams(*grams(A, B), closest)
 
 

@@ -15,7 +15,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lora_fa_gradient", "riemannian_precondition", "solve_spd", "spd_inverse"]
+__all__ = ["check_pair", "lora_fa_gradient", "riemannian_precondition", "solve_spd", "spd_inverse"]
+
+
+def check_pair(A: Tensor, B: Tensor) -> None:
+    """Raises ValueError unless A is (r, in) and B is (out, r) with the same r (the shared check of every
+    function over a factor pair)."""
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(
+            f"a factor pair needs A (r, in) and B (out, r) with the same r, got A {tuple(A.shape)} and B "
+            f"{tuple(B.shape)}"
+        )
 
 
 def spd_inverse(M: Tensor, delta: float, what: str) -> Tensor:
