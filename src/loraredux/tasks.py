@@ -6,6 +6,10 @@ The CLI's `train` and the benchmark harness share these, so a number in a benchm
 - `classification_task`: sequence classification (e.g. MiniLM on Rotten Tomatoes); metric: accuracy.
 - `language_modeling_task`: causal LM on plain text cut into fixed blocks (e.g. SmolLM2 on the KJV);
   metric: held-out perplexity.
+- `build_task(model, data, ...)`: a packaged model (or a local folder) with its task, as `loraredux train` and the
+  `classify` / `lm` benchmark suites build them.
+- `adapt_for_task(model, config, task, ...)`: `lx.adapt_` with the task's targets and head, the calibration batches a
+  data-aware initialiser needs, and AdaLoRA's rank schedule set to the run's length.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from torch import Tensor, nn
 
 from .train import epoch_batches
 
-__all__ = ["Task", "classification_task", "language_modeling_task"]
+__all__ = [
+    "Task",
+    "adapt_for_task",
+    "build_task",
+    "classification_task",
+    "language_modeling_task",
+]
 
 Batch = dict[str, Tensor]
 
@@ -171,6 +181,165 @@ def language_modeling_task(
         train_size=len(train_rows),
         default_targets=["q_proj", "v_proj"],
     )
+
+
+def _load_folder(path: str, kind: str) -> tuple[Any, Any]:
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(
+            f"model {path!r} is neither a packaged model (minilm, smollm2) nor a folder"
+        )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    cls = AutoModelForSequenceClassification if kind == "cls" else AutoModelForCausalLM
+    kwargs = {"num_labels": 2} if kind == "cls" else {}
+    return cls.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
+
+
+def build_task(
+    model: str = "minilm",
+    data: str | None = None,
+    *,
+    train_examples: int = 4000,
+    eval_examples: int | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    max_tokens: int | None = 400_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, Task, str]:
+    """A model and its task from the packaged assets: what `loraredux train` and the benchmark suites train.
+
+    Args:
+        model: "minilm", "smollm2" or a local transformers folder (a classifier for rotten_tomatoes, a causal LM
+            for kjv and chat). A new classification head is drawn from torch's RNG: seed it first.
+        data: "rotten_tomatoes" (classification), "kjv" or "chat" (language modelling); None picks kjv for
+            smollm2 and rotten_tomatoes otherwise.
+        train_examples: classification: training snippets sampled from the train split with `seed`.
+        eval_examples: test snippets (a fixed sample, seed 0; default 1000) or held-out blocks (default 32).
+        batch_size: default 32 (classification) or 8 (language modelling).
+        max_length: truncation (classification, default 64) or block length (language modelling, default 128).
+        max_tokens: language modelling: tokens read from the start of the text (None: all of it).
+        seed: the training sample and the data order.
+        progress: progress bars while evaluating.
+
+    Returns:
+        (model, task, the data set's name).
+
+    Raises:
+        ValueError: an unknown data set, a model that does not fit the data, or a model that is neither packaged
+            nor a folder.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    try:
+        return _build_task(model, data, train_examples, eval_examples, batch_size, max_length,
+                           max_tokens, seed, progress)  # fmt: skip
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _build_task(
+    model: str,
+    data: str | None,
+    train_examples: int,
+    eval_examples: int | None,
+    batch_size: int | None,
+    max_length: int | None,
+    max_tokens: int | None,
+    seed: int,
+    progress: bool,
+) -> tuple[nn.Module, Task, str]:
+    from . import assets
+
+    data = data or ("kjv" if model == "smollm2" else "rotten_tomatoes")
+    if data not in assets.DATASETS:
+        raise ValueError(f"unknown data {data!r}; choose from {sorted(assets.DATASETS)}")
+    if data == "rotten_tomatoes":
+        if model == "smollm2":
+            raise ValueError(
+                "data rotten_tomatoes needs a classification model (minilm or a folder)"
+            )
+        net, tok = (
+            assets.load_minilm(num_labels=2) if model == "minilm" else _load_folder(model, "cls")
+        )
+        train = assets.rotten_tomatoes("train")
+        train = random.Random(seed).sample(train, min(train_examples, len(train)))
+        test = assets.rotten_tomatoes("test")
+        test = random.Random(0).sample(test, min(eval_examples or 1000, len(test)))
+        task = classification_task(
+            tok,
+            train,
+            test,
+            batch_size=batch_size or 32,
+            max_length=max_length or 64,
+            seed=seed,
+            progress=progress,
+        )
+    else:
+        if model == "minilm":
+            raise ValueError(f"data {data} is language modelling; use model smollm2 or a causal LM")
+        net, tok = assets.load_smollm2() if model == "smollm2" else _load_folder(model, "lm")
+        texts = assets.kjv() if data == "kjv" else [f"{q}\n{a}" for q, a in assets.chat_pairs()]
+        task = language_modeling_task(
+            tok,
+            texts,
+            batch_size=batch_size or 8,
+            seq_len=max_length or 128,
+            eval_blocks=eval_examples or 32,
+            max_tokens=max_tokens,
+            seed=seed,
+            progress=progress,
+        )
+    return net, task, data
+
+
+def adapt_for_task(
+    model: nn.Module,
+    config: Any,
+    task: Task,
+    *,
+    steps: int,
+    targets: Any = None,
+    exclude: Any = None,
+    calibration_batches: int = 8,
+    progress: bool = True,
+) -> Any:
+    """`lx.adapt_` for a training run on `task`: the task's default targets unless given, its head in
+    `modules_to_save`, the first `calibration_batches` training batches and the task's loss for a data-aware
+    initialiser (LoRA-GA, EVA, CorDA, ...), and a method's run-length field (AdaLoRA's `total_step`) set to
+    `steps` where the config leaves it None. Returns the config actually applied.
+    """
+    import dataclasses
+
+    from . import init as lx_init
+    from .verbs import adapt_
+
+    if getattr(config, "total_step", False) is None:  # a rank schedule over the run (AdaLoRA)
+        config = dataclasses.replace(config, total_step=steps)
+    name = getattr(config, "init", None)
+    extra: dict[str, Any] = {}
+    if isinstance(name, str) and lx_init.get(name).needs:
+        extra = {
+            "calibration": [task.batches(i) for i in range(calibration_batches)],
+            "loss_fn": task.loss_fn,
+            "calibration_options": {"progress": progress},
+        }
+    adapt_(
+        model,
+        config,
+        targets=targets or task.default_targets,
+        exclude=exclude,
+        modules_to_save=task.modules_to_save,
+        **extra,
+    )
+    return config
 
 
 def _progress(iterable: Any, desc: str, enabled: bool) -> Any:

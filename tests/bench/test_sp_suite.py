@@ -120,3 +120,69 @@ def test_teacher_weights_plant_the_update_where_asked():
                 problem_options={"subspace": "middle"},
             )
         )
+
+
+@pytest.mark.parametrize("problem", ["sensing", "teacher"])
+def test_a_data_aware_init_is_given_the_gradient_of_the_problems_own_loss(problem, monkeypatch):
+    """What the init sees: the calibration loss at W0 is the problem's loss of a zero update, and its gradient is the
+    analytic one: -2/m sum_i y_i X_i (sensing), -2/(n out) target^T x (teacher), here with the noise that makes the
+    target more than the planted update."""
+    import loraredux as lx
+
+    seen = {}
+    real = lx.adapt_
+
+    def spy(model, config, targets, **kw):
+        seen.update(kw, W0=model[0].weight.detach().clone())
+        return real(model, config, targets, **kw)
+
+    monkeypatch.setattr(lx, "adapt_", spy)
+    options = {"noise": 0.1, **({"subspace": "random"} if problem == "teacher" else {})}
+    t = Trial(
+        "sp", problem, "lora", 3, "adamw", 1e-2, 0, 1, init="lora_ga", problem_options=options
+    )
+    execute(t)
+    probe = torch.nn.Sequential(torch.nn.Linear(20, 24, bias=False)).double()
+    probe[0].weight = torch.nn.Parameter(
+        seen["W0"].clone()
+    )  # the model as the init sees it: W' = W0
+    (batch,) = seen["calibration"]
+    loss = seen["loss_fn"](probe, batch)
+    loss.backward()
+    # rebuild the problem's data from its seed, as the suite does
+    from loraredux.bench.suites import sp
+
+    gen = torch.Generator().manual_seed(0)
+    if problem == "sensing":
+        o = {**sp.SENSING_DEFAULTS, **options}
+        truth = planted_update(24, 20, 3, o["kappa"], gen)
+        m = o["oversample"] * 3 * (24 + 20)
+        X = torch.randn(m, 24, 20, generator=gen, dtype=torch.float64)
+        y = torch.einsum("moi,oi->m", X, truth) + 0.1 * torch.randn(
+            m, generator=gen, dtype=torch.float64
+        )
+        assert loss.item() == pytest.approx(float((y**2).mean()), rel=1e-12)
+        expected = -2.0 / m * torch.einsum("m,moi->oi", y, X)
+    else:
+        o = {**sp.TEACHER_DEFAULTS, **options}
+        _, truth = sp.teacher_weights(o, gen)
+        x = torch.randn(160, 20, generator=gen, dtype=torch.float64)
+        target = x @ truth.T + 0.1 * torch.randn(160, 24, generator=gen, dtype=torch.float64)
+        assert torch.equal(batch, x)
+        assert loss.item() == pytest.approx(float((target**2).mean()), rel=1e-12)
+        expected = -2.0 / (160 * 24) * target.T @ x
+    torch.testing.assert_close(probe[0].weight.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_gradient_init_starts_in_the_updates_subspace():
+    """LoRA-One's start is a rank-3 step along -G, whose top subspace is the planted update's: after one step its
+    update lies far closer to the truth's subspace than Kaiming's (which has only that one step)."""
+
+    def angle(problem, init, **options):
+        t = Trial("sp", problem, "lora", 3, "adamw", 3e-3, 0, 1, init=init, problem_options=options)
+        return execute(t).metrics["subspace_angle"]
+
+    for problem, options in (("teacher", {"subspace": "random"}), ("sensing", {"kappa": 1.0})):
+        assert angle(problem, "lora_one", **options) < angle(problem, "kaiming", **options) / 2
+    with pytest.raises(ValueError, match="matrix sensing has none"):
+        execute(Trial("sp", "sensing", "lora", 3, "adamw", 1e-2, 0, 1, init="eva"))

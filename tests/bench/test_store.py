@@ -44,6 +44,38 @@ def test_a_spec_expands_into_the_full_product_in_order_with_stable_keys():
     assert len(expand({**SPEC, "seeds": [0, 0, 1]})) == len(trials) * 2 // 3
 
 
+def test_variants_are_the_union_of_their_grids_in_order():
+    base = {"suite": "sp", "problems": ["sensing"], "ranks": [2], "lrs": [1e-3, 1e-2], "steps": 5}
+    spec = {
+        **base,
+        "variants": [
+            {},
+            {"inits": ["pissa"]},
+            {"methods": ["dora"], "lrs": [1e-2]},
+            {"lrs": [1e-2]},
+        ],
+    }  # fmt: skip  (the last repeats runs of the first)
+    trials = expand(spec)
+    configs = [(t.method, t.init, t.lr) for t in trials]
+    assert configs == [("lora", None, 1e-3), ("lora", None, 1e-2), ("lora", "pissa", 1e-3),
+                       ("lora", "pissa", 1e-2), ("dora", None, 1e-2)]  # fmt: skip
+    assert [t.key() for t in expand(base)] == [t.key() for t in trials[:2]]  # same runs, same keys
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        ([], "variants must be a non-empty list"),
+        ([{"suite": "classify"}], "variant 0 must be a table of keys other than suite"),
+        ([{}, {"rank": [2]}], r"unknown key\(s\) \['rank'\].*\(variant 1\)"),
+        ([{"lrs": [-1.0]}], r"lrs must be numbers > 0, got -1.0 \(variant 0\)"),
+    ],
+)
+def test_bad_variants_are_refused_by_name(variants, message):
+    with pytest.raises(ValueError, match=message):
+        expand({**SPEC, "variants": variants})
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

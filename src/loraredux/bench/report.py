@@ -3,13 +3,14 @@
 A *configuration* is everything but the learning rate and the seed (suite, problem and its options, method, init,
 optimizer and its options, rank). For each one the report gives:
 - **best of sweep**: the learning rate whose mean of the suite's primary metric over seeds is best, with the spread
-  over those seeds (mean, standard deviation, n), the runs that failed at that rate, trainable parameters and the
-  median wall time;
+  over those seeds (mean, standard deviation, n), its cost (trainable parameters, the median wall time and the
+  median growth of the peak memory over a run) and the configuration's failed runs;
 - **learning-rate sensitivity**: the mean of the primary metric at every learning rate of the sweep (a failed run
   makes its cell "failed (k)").
 With matplotlib installed (`pip install loraredux[bench]`), three plots per suite go beside it and into the report:
-the primary metric against the learning rate (mean over seeds, the spread as error bars), its curve over the run at
-each configuration's best learning rate (mean over seeds), and the best-of-sweep metric against trainable parameters
+the primary metric against the learning rate (mean over seeds, the spread as error bars), the suite's curve over
+the run at each configuration's best learning rate (mean over seeds; the primary metric for `sp`, the training loss
+for `classify` and `lm`), and the best-of-sweep metric against trainable parameters
 and against wall time. Nothing is typed in by hand: the same store gives the same files, byte for byte.
 """
 
@@ -22,15 +23,30 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..io.files import write_text_atomic
 from .store import Run, Store
 
 __all__ = ["PRIMARY", "plot_suite", "render", "write_report"]
 
-# suite -> (primary metric, "min" or "max")
-PRIMARY: dict[str, tuple[str, str]] = {"sp": ("relative_error", "min")}
+
+class Primary(NamedTuple):
+    """How a suite is judged: its primary metric, whether lower ("min") or higher ("max") is better, whether it is
+    plotted on a log scale, and the curve the curves plot shows (with its scale)."""
+
+    metric: str
+    goal: str
+    log: bool
+    curve: str
+    curve_log: bool
+
+
+PRIMARY: dict[str, Primary] = {
+    "sp": Primary("relative_error", "min", True, "relative_error", True),
+    "classify": Primary("accuracy", "max", False, "train_loss", False),
+    "lm": Primary("perplexity", "min", True, "train_loss", False),
+}
 
 STORE_NAME = "results.sqlite"
 
@@ -89,7 +105,7 @@ def plot_suite(runs: list[Run], suite: str, directory: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    metric, goal = PRIMARY[suite]
+    metric, goal, log, curve_name, curve_log = PRIMARY[suite]
     by_config = {c: v for c, v in _groups(runs).items() if c[0] == suite}
     problems = sorted({c[1] for c in by_config})
     names = []
@@ -101,15 +117,30 @@ def plot_suite(runs: list[Run], suite: str, directory: Path) -> list[str]:
         tmp.replace(directory / name)
         names.append(name)
 
-    size = (5.0 * len(problems), 3.8)
-    fig, axes = plt.subplots(1, len(problems), figsize=size, squeeze=False)
-    fig2, axes2 = plt.subplots(1, len(problems), figsize=size, squeeze=False)
+    def label_of(c: tuple[str, ...]) -> str:
+        return " ".join(x for x in (c[2], c[3] if c[3] != "-" else "", c[4], f"r={c[5]}") if x)
+
+    # One colour (and line style, past ten) per configuration, the same in every panel and figure.
+    labels = sorted({label_of(c) for c in by_config})
+    palette = matplotlib.colormaps["tab10"]
+    style = {
+        lab: {"color": palette(i % 10), "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+        for i, lab in enumerate(labels)
+    }
+    marker = {lab: "osD^"[i // 10 % 4] for i, lab in enumerate(labels)}
+    cols = min(3, len(problems))  # panels in rows of three
+    rows = -(-len(problems) // cols)
+    size = (5.0 * cols, 3.4 * rows + 0.25 * (len(labels) // 3 + 1))
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+    fig2, axes2 = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+    for a in [*axes.flat[len(problems) :], *axes2.flat[len(problems) :]]:
+        a.set_axis_off()
     best_points = []
-    for ax, ax2, problem in zip(axes[0], axes2[0], problems, strict=True):
+    for ax, ax2, problem in zip(axes.flat, axes2.flat, problems, strict=False):
         for c, per_lr in by_config.items():
             if c[1] != problem:
                 continue
-            label = " ".join(x for x in (c[2], c[3] if c[3] != "-" else "", c[4], f"r={c[5]}") if x)
+            label = label_of(c)
             stats = {
                 lr: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
                 for lr, group in per_lr.items()
@@ -119,48 +150,60 @@ def plot_suite(runs: list[Run], suite: str, directory: Path) -> list[str]:
                 continue
             lrs = sorted(stats)
             ax.errorbar(lrs, [stats[x][0] for x in lrs], yerr=[stats[x][1] for x in lrs], marker="o",
-                        capsize=3, label=label)  # fmt: skip
+                        markersize=3, capsize=3, label=label, **style[label])  # fmt: skip
             best = (min if goal == "min" else max)(stats, key=lambda x: stats[x][0])
             group = per_lr[best]
-            curves = [r.curves.get(metric) for r in group]
+            curves = [r.curves.get(curve_name) for r in group]
             if all(isinstance(cv, list) and cv for cv in curves):
                 n = min(len(cv) for cv in curves)
                 mean = [statistics.fmean(cv[i] for cv in curves) for i in range(n)]
-                ax2.plot(range(n), mean, label=f"{label} (lr {best:g})")
+                ax2.plot(range(n), mean, label=label, **style[label])
             best_points.append((label, stats[best][0], group[0].trainable_parameters,
                                 statistics.median(r.wall_seconds for r in group)))  # fmt: skip
-        for a, xlabel in ((ax, "learning rate"), (ax2, "curve point (every `every` steps)")):
+        for a, xlabel, ylabel, scale in (
+            (ax, "learning rate", metric, log),
+            (ax2, "curve point (every `every` steps), at the best lr", curve_name, curve_log),
+        ):
             a.set_title(problem, fontsize=9)
-            a.set_yscale("log")
+            if scale:
+                a.set_yscale("log")
             a.set_xlabel(xlabel)
-            a.set_ylabel(metric)
+            a.set_ylabel(ylabel)
             a.grid(True, alpha=0.3)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(
             matplotlib.ticker.NullFormatter()
         )  # the decades only: no overlapping labels
-    for a in (axes[0][-1], axes2[0][-1]):
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    fig.tight_layout()
-    fig2.tight_layout()
+
+    def legend(figure: Any, axes_: Any) -> None:
+        handles: dict[str, Any] = {}
+        for a in axes_:
+            for h, lab in zip(*a.get_legend_handles_labels(), strict=True):
+                handles.setdefault(lab, h)
+        if handles:
+            keys = sorted(handles)
+            figure.legend([handles[k] for k in keys], keys, loc="outside lower center",
+                          ncols=min(3, len(keys)), fontsize=7)  # fmt: skip
+
+    legend(fig, axes.flat)
+    legend(fig2, axes2.flat)
     save(fig, f"{suite}_lr_sensitivity.png")
     save(fig2, f"{suite}_curves.png")
-    fig3, (ax_p, ax_t) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label in sorted(
-        {p[0] for p in best_points}
-    ):  # one colour per configuration, over the problems
+    fig3, (ax_p, ax_t) = plt.subplots(
+        1, 2, figsize=(10, 3.6 + 0.25 * (len(labels) // 3 + 1)), layout="constrained"
+    )
+    for label in sorted({p[0] for p in best_points}):  # one colour per configuration
         mine = [p for p in best_points if p[0] == label]
-        ax_p.scatter([p[2] or 0 for p in mine], [p[1] for p in mine], s=14, label=label)
-        ax_t.scatter([p[3] for p in mine], [p[1] for p in mine], s=14, label=label)
-    if ax_t.get_legend_handles_labels()[0]:
-        ax_t.legend(fontsize=7)
+        look = {"color": style[label]["color"], "marker": marker[label], "s": 16, "label": label}
+        ax_p.scatter([p[2] or 0 for p in mine], [p[1] for p in mine], **look)
+        ax_t.scatter([p[3] for p in mine], [p[1] for p in mine], **look)
     for a, xlabel in ((ax_p, "trainable parameters"), (ax_t, "median wall time of a run, s")):
         a.set_xlabel(xlabel)
         a.set_ylabel(f"best-of-sweep {metric}")
-        a.set_yscale("log")
+        if log:
+            a.set_yscale("log")
         a.grid(True, alpha=0.3)
-    fig3.tight_layout()
+    legend(fig3, [ax_t])
     save(fig3, f"{suite}_cost.png")
     return names
 
@@ -181,7 +224,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
     for suite in suites:
         if suite not in PRIMARY:
             raise ValueError(f"no primary metric for suite {suite!r}; known: {sorted(PRIMARY)}")
-        metric, goal = PRIMARY[suite]
+        metric, goal = PRIMARY[suite][:2]
         configs = [c for c in by_config if c[0] == suite]
         lrs = sorted({lr for c in configs for lr in by_config[c]})
         best_rows, sens_rows = [], []
@@ -200,7 +243,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
                     cells.append(f"failed ({failed})" if failed else "-")
             sens_rows.append([*c[1:], *cells])
             if not means:
-                best_rows.append([*c[1:], "-", "all failed", "-", "-", "-"])
+                best_rows.append([*c[1:], "-", "all failed", "-", "-", "-", "-"])
                 continue
             best = (min if goal == "min" else max)(means, key=means.__getitem__)
             group = [r for r in by_config[c][best] if r.status == "ok"]
@@ -208,6 +251,8 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             params = group[0].trainable_parameters
             wall = statistics.median(r.wall_seconds for r in group)
+            peaks = [r.peak_memory_bytes for r in group if r.peak_memory_bytes is not None]
+            peak = f"{statistics.median(peaks) / 2**20:.0f}" if peaks else "-"
             best_rows.append(
                 [
                     *c[1:],
@@ -215,6 +260,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
                     f"{_fmt(means[best])} ± {_fmt(spread)} (n={len(values)})",
                     f"{params:,}" if params is not None else "-",
                     f"{wall:.2f}",
+                    peak,
                     str(
                         sum(len(v) for v in by_config[c].values())
                         - sum(r.status == "ok" for v in by_config[c].values() for r in v)
@@ -230,7 +276,16 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
             "### Best of the learning-rate sweep (mean ± standard deviation over seeds)",
             "",
             _table(
-                [*head, "best lr", metric, "trainable", "median wall s", "failed runs"], best_rows
+                [
+                    *head,
+                    "best lr",
+                    metric,
+                    "trainable",
+                    "median wall s",
+                    "median peak MiB",
+                    "failed runs",
+                ],
+                best_rows,
             ),
             "",
             f"### Learning-rate sensitivity: mean {metric} over seeds",

@@ -8,6 +8,11 @@ and sessions.
     spec = {"suite": "sp", "problems": [{"name": "sensing", "options": {"kappa": 10}}],
             "methods": ["lora"], "optimizers": ["adamw", "scaled_adamw"], "ranks": [4],
             "lrs": [1e-3, 3e-3, 1e-2], "seeds": [0, 1, 2], "steps": 200}
+
+A full product is often more than is wanted: `variants` lists grids that differ from the spec in a few keys, and
+the trials are their union (LoRA with two inits and DoRA, say, without DoRA with both inits):
+
+    {..., "methods": ["lora"], "variants": [{"inits": [null, "pissa"]}, {"methods": ["dora"]}]}
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ SPEC_KEYS: dict[str, tuple[bool, str]] = {
     "lrs": (True, "a list of learning rates (> 0): the sweep"),
     "seeds": (False, "a list of integer seeds (default [0])"),
     "steps": (True, "optimizer steps per run (an integer >= 1)"),
+    "variants": (
+        False,
+        "a list of tables, each overriding some of the keys above but suite: the trials are the union of "
+        "each variant's grid (default [{}], the one grid)",
+    ),
 }
 
 
@@ -124,7 +134,7 @@ def _numbers(values: Any, what: str, kind: type, positive: bool) -> list[Any]:
 
 def expand(spec: dict[str, Any]) -> list[Trial]:
     """The trials of a spec: the product problems x methods x inits x optimizers x ranks x lrs x seeds, in that
-    nesting order (seeds innermost), with duplicates removed.
+    nesting order (seeds innermost), for each of its variants in turn, with duplicates removed.
 
     Raises:
         ValueError: an unknown or missing key, or a value of the wrong kind (the message names it and what is
@@ -132,6 +142,31 @@ def expand(spec: dict[str, Any]) -> list[Trial]:
     """
     if not isinstance(spec, dict):
         raise ValueError(f"a spec is a table of {sorted(SPEC_KEYS)}, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"spec: unknown key(s) {unknown}; the keys are {sorted(SPEC_KEYS)}")
+    variants = spec.get("variants", [{}])
+    if not isinstance(variants, list) or not variants:
+        raise ValueError(f"spec: variants must be a non-empty list of tables, got {variants!r}")
+    base = {k: v for k, v in spec.items() if k != "variants"}
+    trials: dict[str, Trial] = {}
+    for i, variant in enumerate(variants):
+        bad = sorted(set(variant) & {"suite", "variants"}) if isinstance(variant, dict) else None
+        if bad is None or bad:
+            raise ValueError(
+                f"spec: variant {i} must be a table of keys other than suite and variants, got {variant!r}"
+            )
+        try:
+            for trial in _grid({**base, **variant}):
+                trials.setdefault(trial.key(), trial)
+        except ValueError as err:
+            where = f" (variant {i})" if "variants" in spec else ""
+            raise ValueError(f"{err}{where}") from None
+    return list(trials.values())
+
+
+def _grid(spec: dict[str, Any]) -> list[Trial]:
+    """The product of one grid (a spec without variants)."""
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         raise ValueError(f"spec: unknown key(s) {unknown}; the keys are {sorted(SPEC_KEYS)}")

@@ -17,7 +17,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "seeds) into DIR/results.sqlite, skipping finished runs (an interrupted suite resumes), then write "
         "DIR/report.md and DIR/runs.csv from the store. `loraredux bench report DIR` re-renders them.",
     )
-    p.add_argument("what", metavar="SUITE|report", help="a suite (sp) or 'report'")
+    p.add_argument("what", metavar="SUITE|report", help="a suite (sp, classify, lm) or 'report'")
     p.add_argument("directory", nargs="?", type=Path, help="with 'report': the benchmark folder")
     p.add_argument("--out", type=Path, help="the benchmark folder (created if missing)")
     p.add_argument(
@@ -25,7 +25,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--preset",
-        help="one of the suite's named specs (default full; sp has quick, full, full_teacher)",
+        help="one of the suite's named specs (default full; every suite has quick and full, sp also "
+        "full_teacher)",
     )
     p.add_argument("--spec", type=Path, help="a JSON spec instead of the suite's default")
     p.add_argument(

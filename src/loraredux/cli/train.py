@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -151,65 +150,21 @@ def add_train(sub: Any) -> None:
 
 
 def _build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from loraredux import assets, tasks
+    from loraredux import tasks
 
-    progress = not args.no_progress
-    name = args.model
-    data = args.data or ("kjv" if name == "smollm2" else "rotten_tomatoes")
-    if data not in assets.DATASETS:
-        raise UsageError(f"unknown --data {data!r}; choose from {sorted(assets.DATASETS)}")
-    if data == "rotten_tomatoes":
-        if name == "smollm2":
-            raise UsageError(
-                "--data rotten_tomatoes needs a classification model (minilm or a folder)"
-            )
-        model, tok = (
-            assets.load_minilm(num_labels=2) if name == "minilm" else _load_folder(name, "cls")
-        )
-        rng = random.Random(args.seed)
-        train = assets.rotten_tomatoes("train")
-        train = rng.sample(train, min(args.train_examples, len(train)))
-        test = assets.rotten_tomatoes("test")
-        test = random.Random(0).sample(test, min(args.eval_examples or 1000, len(test)))
-        task = tasks.classification_task(
-            tok,
-            train,
-            test,
-            batch_size=args.batch_size or 32,
-            max_length=args.max_length or 64,
+    try:
+        return tasks.build_task(
+            args.model,
+            args.data,
+            train_examples=args.train_examples,
+            eval_examples=args.eval_examples,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
             seed=args.seed,
-            progress=progress,
+            progress=not args.no_progress,
         )
-    else:
-        if name == "minilm":
-            raise UsageError(
-                f"--data {data} is language modelling; use --model smollm2 or a causal LM"
-            )
-        model, tok = assets.load_smollm2() if name == "smollm2" else _load_folder(name, "lm")
-        texts = assets.kjv() if data == "kjv" else [f"{q}\n{a}" for q, a in assets.chat_pairs()]
-        task = tasks.language_modeling_task(
-            tok,
-            texts,
-            batch_size=args.batch_size or 8,
-            seq_len=args.max_length or 128,
-            eval_blocks=args.eval_examples or 32,
-            seed=args.seed,
-            progress=progress,
-        )
-    return model, task, data
-
-
-def _load_folder(path: str, kind: str) -> tuple[Any, Any]:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise UsageError(
-            f"--model {path!r} is neither a packaged model (minilm, smollm2) nor a folder"
-        )
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    cls = AutoModelForSequenceClassification if kind == "cls" else AutoModelForCausalLM
-    kwargs = {"num_labels": 2} if kind == "cls" else {}
-    return cls.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
+    except ValueError as err:
+        raise UsageError(f"--model/--data: {err}") from None
 
 
 def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,6 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     import loraredux as lx
     from loraredux.io.files import write_json_atomic
+    from loraredux.tasks import adapt_for_task
     from loraredux.train import TrainConfig, fit
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -265,25 +221,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (32 if task.kind == "classification" else 8)
     steps = args.steps or math.ceil(task.train_size / batch_size)
     lr = args.lr or (4e-3 if task.kind == "classification" else 5e-4)
-    if getattr(cfg, "total_step", False) is None:  # a rank schedule over the run (AdaLoRA)
-        cfg = dataclasses.replace(cfg, total_step=steps)
-    calibration = {}
     init = lx.init.get(cfg.init) if isinstance(getattr(cfg, "init", None), str) else None
     if init is not None and init.needs:
-        n = args.calibration_batches
-        calibration = {
-            "calibration": [task.batches(i) for i in range(n)],
-            "loss_fn": task.loss_fn,
-            "calibration_options": {"progress": not args.no_progress},
-        }
-        print(f"init {cfg.init}: estimating from {n} training batches")
-    lx.adapt_(
+        print(f"init {cfg.init}: estimating from {args.calibration_batches} training batches")
+    cfg = adapt_for_task(
         model,
         cfg,
+        task,
+        steps=steps,
         targets=targets,
         exclude=args.exclude,
-        modules_to_save=task.modules_to_save,
-        **calibration,
+        calibration_batches=args.calibration_batches,
+        progress=not args.no_progress,
     )
 
     print(f"model {args.model}, data {data}: {task.train_size} training examples")

@@ -7,12 +7,15 @@ from typing import Any
 
 from ..runner import Outcome
 from ..trial import Trial
+from .real import kjv, rotten_tomatoes
 from .sp import sensing, teacher
 
 __all__ = ["SPECS", "SUITES", "execute"]
 
 SUITES: dict[str, dict[str, Callable[[Trial], Outcome]]] = {
     "sp": {"sensing": sensing, "teacher": teacher},
+    "classify": {"rotten_tomatoes": rotten_tomatoes},
+    "lm": {"kjv": kjv},
 }
 
 
@@ -30,6 +33,8 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
             "seeds": [0, 1, 2],
             "steps": 300,
         },
+        # Where the update lies decides which init wins; the rank sweep (true rank 3) shows where low rank
+        # becomes the bottleneck.
         "full_teacher": {
             "suite": "sp",
             "problems": [
@@ -37,12 +42,12 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
                 for sub in ("principal", "minor", "random")
                 for spec in ("decaying", "flat")
             ],
-            "inits": ["kaiming", "pissa", "milora", "olora"],
-            "optimizers": ["adamw", "scaled_adamw"],
-            "ranks": [1, 2, 3, 4, 6],  # true rank 3: where low rank becomes the bottleneck
+            "inits": ["kaiming", "pissa", "milora", "olora", "lora_ga"],
+            "ranks": [3],
             "lrs": [3e-3, 1e-2, 3e-2],
             "seeds": [0, 1, 2],
             "steps": 300,
+            "variants": [{}, {"inits": ["kaiming", "pissa"], "ranks": [1, 2, 4, 6]}],
         },
         "full": {
             "suite": "sp",
@@ -56,6 +61,89 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
             "lrs": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
             "seeds": [0, 1, 2],
             "steps": 1000,
+            # PEFT's damping delta = 1e-2 is as large as the smallest planted direction at kappa = 100: the scaled
+            # optimizers again with almost none (0 itself is refused while B = 0).
+            "variants": [
+                {},
+                {
+                    "optimizers": [
+                        {"name": "scaled_sgd", "options": {"delta": 1e-6}},
+                        {"name": "scaled_adamw", "options": {"delta": 1e-6}},
+                    ]
+                },
+            ],
+        },
+    },
+    # MiniLM on Rotten Tomatoes: LoRA r=8 on query/value (+ the classifier head) against a data-free and a
+    # data-aware init, DoRA, and the parameterization-aware optimizers. quick: one epoch of 1,280 snippets.
+    "classify": {
+        "quick": {
+            "suite": "classify",
+            "problems": [
+                {"name": "rotten_tomatoes", "options": {"train_examples": 1280, "batch_size": 16}}
+            ],
+            "methods": ["lora"],
+            "ranks": [8],
+            "lrs": [1e-3, 3e-3, 1e-2],
+            "seeds": [0, 1],
+            "steps": 80,
+            # LoRA+ trains B 16 times faster than A: its grid sits a step lower.
+            "variants": [
+                {},
+                {"inits": ["pissa"]},
+                {"methods": ["dora"]},
+                {"optimizers": ["loraplus"], "lrs": [3e-4, 1e-3, 3e-3]},
+            ],
+        },
+        "full": {
+            "suite": "classify",
+            "problems": [
+                {
+                    "name": "rotten_tomatoes",
+                    "options": {"train_examples": 4000, "eval_examples": 1000},
+                }
+            ],
+            "methods": ["lora"],
+            "ranks": [8],
+            "lrs": [3e-4, 1e-3, 3e-3, 1e-2],
+            "seeds": [0, 1, 2],
+            "steps": 250,  # two epochs of 4,000 snippets
+            "variants": [
+                {"ranks": [2, 8, 32]},
+                {"inits": ["pissa", "milora", "lora_ga", "eva"]},
+                {"methods": ["dora"]},
+                {"optimizers": ["scaled_adamw", "lora_rite"]},
+                {"optimizers": ["loraplus"], "lrs": [1e-4, 3e-4, 1e-3, 3e-3]},
+            ],
+        },
+    },
+    # SmolLM2-135M on the King James Bible: short runs. quick: 25 steps of 4 x 128 tokens.
+    "lm": {
+        "quick": {
+            "suite": "lm",
+            "problems": ["kjv"],
+            "methods": ["lora"],
+            "ranks": [8],
+            "lrs": [1e-3, 3e-3, 1e-2],
+            "seeds": [0],
+            "steps": 25,
+            "variants": [{}, {"inits": ["pissa"]}],
+        },
+        "full": {
+            "suite": "lm",
+            "problems": [{"name": "kjv", "options": {"eval_examples": 32}}],
+            "methods": ["lora"],
+            "ranks": [8],
+            "lrs": [3e-4, 1e-3, 3e-3, 1e-2],
+            "seeds": [0, 1],
+            "steps": 100,
+            "variants": [
+                {"ranks": [2, 8, 32]},
+                {"inits": ["pissa", "lora_ga"]},
+                {"methods": ["dora"]},
+                {"optimizers": ["scaled_adamw"]},
+                {"optimizers": ["loraplus"], "lrs": [3e-5, 1e-4, 3e-4, 1e-3]},
+            ],
         },
     },
 }

@@ -9,6 +9,11 @@ N(0, 1), so E <X_i, M>^2 = ||M||_F^2). The loss is the mean squared residual
 `subspace_angle` (degrees, the largest principal angle between the top-true_rank left singular subspaces of
 W' - W0 and of M*), and the final `loss`; curves of the relative error and the loss every `every` steps.
 A non-finite loss (a learning rate past the stable range) raises FloatingPointError: the runner stores a failed run.
+
+Data-aware inits calibrate on the problem's own data: in `teacher`, on the training inputs (activations for EVA and
+CorDA, the gradient of the loss at W0 for LoRA-GA and LoRA-One); in `sensing`, which has no layer inputs, only the
+gradient-based ones apply (the gradient at W0 is -2/m sum_i y_i X_i, the classical spectral initialisation of
+matrix sensing), and an activation-based init is refused by name.
 """
 
 from __future__ import annotations
@@ -92,7 +97,15 @@ def sensing(trial: Trial) -> Outcome:
     def loss_of(update: torch.Tensor) -> torch.Tensor:
         return ((torch.einsum("moi,oi->m", X, update) - y) ** 2).mean()
 
-    return _fit(trial, W0, truth, loss_of, o)
+    if trial.init is not None and "inputs" in lx.init.get(trial.init).needs:
+        raise ValueError(
+            f"sensing: init {trial.init!r} needs the layer's inputs, and matrix sensing has none (its data are "
+            "measurements of the weight); use a gradient-based init (lora_ga, lora_one) or a data-free one"
+        )
+    # A gradient-based init sees the gradient of the loss at W0 (the model before it is adapted): -2/m sum y_i X_i,
+    # whose top subspace is matrix sensing's classical spectral initialisation.
+    calibration = ([None], lambda model, _: loss_of(model[0].weight - W0))
+    return _fit(trial, W0, truth, loss_of, o, calibration)
 
 
 TEACHER_DEFAULTS: dict[str, Any] = {
@@ -170,7 +183,13 @@ def teacher(trial: Trial) -> Outcome:
     def loss_of(update: torch.Tensor) -> torch.Tensor:
         return ((x @ update.T - residual_target) ** 2).mean()
 
-    return _fit(trial, W0, truth, loss_of, o)
+    # A data-aware init calibrates on the training inputs: their activations (EVA, CorDA) and the gradient of the
+    # same loss at W0 (LoRA-GA, LoRA-One), -2/(n out) (residual_target^T x), which holds the planted update.
+    calibration = (
+        [x],
+        lambda model, batch: ((model(batch) - batch @ W0.T - residual_target) ** 2).mean(),
+    )
+    return _fit(trial, W0, truth, loss_of, o, calibration)
 
 
 def _fit(
@@ -179,9 +198,11 @@ def _fit(
     truth: torch.Tensor,
     loss_of: Callable[[torch.Tensor], torch.Tensor],
     o: dict[str, Any],
+    calibration: tuple[list[Any], Callable[[nn.Module, Any], torch.Tensor]],
 ) -> Outcome:
     """Adapt Linear(W0) with the trial's method, init and optimizer, minimising `loss_of(W' - W0)`, and measure
-    the update W' - W0 against `truth` (see the module docstring)."""
+    the update W' - W0 against `truth` (see the module docstring). `calibration` (batches, loss_fn) is what a
+    data-aware init is given."""
     out, inp = W0.shape
     k = int(o["true_rank"])
     torch.manual_seed(trial.seed)
@@ -191,7 +212,11 @@ def _fit(
     fields = {"rank": trial.rank, **trial.method_options}
     if trial.init is not None:
         fields["init"] = trial.init
-    lx.adapt_(model, lx.config(trial.method, **fields), ["0"])
+    config = lx.config(trial.method, **fields)
+    data: dict[str, Any] = {}
+    if isinstance(getattr(config, "init", None), str) and lx.init.get(config.init).needs:
+        data = {"calibration": calibration[0], "loss_fn": calibration[1]}
+    lx.adapt_(model, config, ["0"], **data)
     layer = model[0]
     opt = lx.optim.create(trial.optimizer, model, lr=trial.lr, **trial.optimizer_options)
     norm = torch.linalg.matrix_norm(truth)

@@ -1,0 +1,161 @@
+"""The suites on real models (issue 6): `classify` (MiniLM on Rotten Tomatoes, test accuracy) and `lm` (SmolLM2-135M
+on the King James Bible, held-out perplexity).
+
+Each run is what `loraredux train` does, from the same code (`loraredux.tasks.build_task`, `adapt_for_task` and
+`loraredux.train.fit`): the packaged model (a new classification head drawn from the trial's seed), the trial's
+method at its rank with its init and method options on the task's default targets, the trial's optimizer at its
+learning rate under linear warmup (`warmup` of the steps) and a cosine decay, for `steps` optimizer steps; then the
+metric on the fixed held-out set (the same for every trial with the same problem options). The training sample
+and the data order follow the seed. A non-finite loss (a learning rate past the stable range) raises
+FloatingPointError before that step changes anything: the runner stores a failed run.
+
+Metrics: the task's metric (`accuracy`, or `perplexity` with the held-out `loss`), and `train_loss`, the mean loss
+over the last tenth of the steps. Curves: `train_loss`, the loss of each step averaged over windows of `every`
+steps, and the task's metric at every `eval_every` steps (0: only after the last step).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+import loraredux as lx
+
+from ...tasks import adapt_for_task, build_task
+from ...train import TrainConfig, fit
+from ..runner import Outcome
+from ..trial import Trial
+
+__all__ = ["CLASSIFY_DEFAULTS", "LM_DEFAULTS", "kjv", "rotten_tomatoes"]
+
+CLASSIFY_DEFAULTS: dict[str, Any] = {
+    "model": "minilm",
+    "train_examples": 2000,
+    "eval_examples": 500,
+    "batch_size": 32,
+    "max_length": 64,
+    "targets": None,  # the task's: query, value (and the classifier head is trained)
+    "warmup": 0.1,
+    "calibration_batches": 8,
+    "eval_every": 0,
+    "every": 5,
+}
+LM_DEFAULTS: dict[str, Any] = {
+    "model": "smollm2",
+    "max_tokens": 100_000,
+    "eval_examples": 16,  # held-out blocks
+    "batch_size": 4,
+    "max_length": 128,
+    "targets": None,  # the task's: q_proj, v_proj
+    "warmup": 0.1,
+    "calibration_batches": 4,
+    "eval_every": 0,
+    "every": 5,
+}
+
+
+def _options(trial: Trial, defaults: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(trial.problem_options) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"{trial.problem}: unknown option(s) {unknown}; the options are {sorted(defaults)}"
+        )
+    o = {**defaults, **trial.problem_options}
+    if not (isinstance(o["warmup"], (int, float)) and 0 <= o["warmup"] <= 1):
+        raise ValueError(
+            f"{trial.problem}: warmup is a fraction of the steps in [0, 1], got {o['warmup']!r}"
+        )
+    for name in ("every", "calibration_batches"):
+        if not isinstance(o[name], int) or o[name] < 1:
+            raise ValueError(f"{trial.problem}: {name} must be an integer >= 1, got {o[name]!r}")
+    if not isinstance(o["eval_every"], int) or o["eval_every"] < 0:
+        raise ValueError(
+            f"{trial.problem}: eval_every must be an integer >= 0, got {o['eval_every']!r}"
+        )
+    return o
+
+
+def _finetune(trial: Trial, o: dict[str, Any], data: str, **build: Any) -> Outcome:
+    fields = {"rank": trial.rank, **trial.method_options}
+    if trial.init is not None:
+        fields["init"] = trial.init
+    config = lx.config(trial.method, **fields)  # a bad field fails before any loading
+    torch.manual_seed(trial.seed)  # the new classification head
+    model, task, _ = build_task(
+        o["model"],
+        data,
+        eval_examples=o["eval_examples"],
+        batch_size=o["batch_size"],
+        max_length=o["max_length"],
+        seed=trial.seed,
+        progress=False,
+        **build,
+    )
+    adapt_for_task(
+        model,
+        config,
+        task,
+        steps=trial.steps,
+        targets=o["targets"],
+        calibration_batches=o["calibration_batches"],
+        progress=False,
+    )
+    result = fit(
+        model,
+        task.batches,
+        task.loss_fn,
+        TrainConfig(
+            steps=trial.steps,
+            lr=trial.lr,
+            warmup_steps=round(o["warmup"] * trial.steps),
+            eval_every=o["eval_every"] or None,
+            seed=trial.seed,
+        ),
+        optimizer=lambda _: lx.optim.create(
+            trial.optimizer, model, lr=trial.lr, **trial.optimizer_options
+        ),
+        eval_fn=task.evaluate,
+        progress=False,
+    )
+    final = result.evals[-1][1]  # fit evaluates after the last step
+    losses, every = result.losses, o["every"]
+    tail = losses[-max(1, len(losses) // 10) :]
+    metrics: dict[str, float | None] = {**final, "train_loss": statistics.fmean(tail)}
+    curves: dict[str, list[float | None]] = {
+        "train_loss": [
+            statistics.fmean(losses[i : i + every]) for i in range(0, len(losses), every)
+        ],
+        task.metric: [m[task.metric] for _, m in result.evals],
+    }
+    return Outcome(
+        metrics=metrics,
+        curves=curves,
+        trainable_parameters=sum(p.numel() for p in lx.trainable_parameters(model).values()),
+    )
+
+
+def rotten_tomatoes(trial: Trial) -> Outcome:
+    """Fine-tune MiniLM (or the classifier folder in `model`) on `train_examples` Rotten Tomatoes snippets and
+    measure the accuracy on `eval_examples` test snippets (see the module docstring).
+
+    Raises:
+        ValueError: an unknown or bad problem option, or a bad method field.
+        FloatingPointError: the loss became non-finite.
+    """
+    o = _options(trial, CLASSIFY_DEFAULTS)
+    return _finetune(trial, o, "rotten_tomatoes", train_examples=o["train_examples"])
+
+
+def kjv(trial: Trial) -> Outcome:
+    """Fine-tune SmolLM2-135M (or the causal-LM folder in `model`) on blocks of `max_length` tokens from the first
+    `max_tokens` tokens of the King James Bible and measure the perplexity of `eval_examples` held-out blocks (see
+    the module docstring).
+
+    Raises:
+        ValueError: an unknown or bad problem option, or a bad method field.
+        FloatingPointError: the loss became non-finite.
+    """
+    o = _options(trial, LM_DEFAULTS)
+    return _finetune(trial, o, "kjv", max_tokens=o["max_tokens"])
