@@ -312,6 +312,15 @@ class Adapter(nn.Module):
             return x.reshape(math.prod(lead), x.shape[-1]), lead
         return x.reshape(math.prod(lead)), lead
 
+    def shared_modules(self) -> dict[str, nn.Module]:
+        """The cross-layer state this adapter computes with, by key (`{}` for most methods).
+
+        A shared module (a bank: VeRA's random matrices, a tensor decomposition's cores) is not a submodule of any
+        adapter: `lx.adapt_` registers it once at the model's root, as `loraredux_banks.<key>`, so the model's
+        parameters, `.to()` and the state dict see it exactly once however many layers use it.
+        """
+        return {}
+
     def penalty(self) -> Tensor | None:
         """The method's regulariser, added to the training loss (`lx.penalty`); None for most methods."""
         return None

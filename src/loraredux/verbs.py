@@ -23,17 +23,23 @@ __all__ = [
     "adapt_",
     "adapter_state_dict",
     "adapters",
+    "banks",
     "disabled",
     "load_adapter_state_dict",
     "merge_",
     "penalty",
     "penalty_of",
     "saved_modules",
+    "shared_modules_of",
+    "state_of",
     "trainable_parameters",
     "unadapt_",
 ]
 
 _FROZEN_ATTR = "_loraredux_frozen"  # on the model root: [(parameter, requires_grad before adapt_)]
+BANKS_ATTR = (
+    "loraredux_banks"  # on the model root: an nn.ModuleDict of the adapters' shared modules, by key
+)
 
 
 def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
@@ -41,6 +47,34 @@ def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
     for name, module in model.named_modules():
         if isinstance(module, Adapter):
             yield name, module
+
+
+def banks(model: nn.Module) -> dict[str, nn.Module]:
+    """The shared cross-layer modules registered at the model's root (`Adapter.shared_modules`), by key."""
+    found = getattr(model, BANKS_ATTR, None)
+    return dict(found.items()) if isinstance(found, nn.ModuleDict) else {}
+
+
+def shared_modules_of(layers: Iterable[Adapter]) -> dict[str, nn.Module]:
+    """The shared modules these adapters use, by key; one key must mean one module."""
+    shared: dict[str, nn.Module] = {}
+    for adapter in layers:
+        for key, module in adapter.shared_modules().items():
+            if shared.setdefault(key, module) is not module:
+                raise ValueError(f"two different shared modules use the key {key!r}")
+    return shared
+
+
+def _drop_unused_banks(model: nn.Module) -> None:
+    """Remove the banks no adapter of the model uses any more (all of them after merge_ / unadapt_)."""
+    registered = getattr(model, BANKS_ATTR, None)
+    if not isinstance(registered, nn.ModuleDict):
+        return
+    used = shared_modules_of(a for _, a in adapters(model))
+    for key in [k for k in registered if k not in used]:
+        del registered[key]
+    if not len(registered):
+        delattr(model, BANKS_ATTR)
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
@@ -156,6 +190,13 @@ def adapt_(
         ):
             built = config.build_layers(plan)
         saved = {p: SavedModule(model.get_submodule(p)) for p in saved_paths}
+        shared = shared_modules_of(built.values())
+        taken = sorted(set(shared) & set(banks(model)))
+        if taken:
+            raise ValueError(
+                f"the model already has the shared module(s) {taken} of an earlier lx.adapt_: a cross-layer "
+                "method adapts a model once (lx.unadapt_ or lx.merge_ it first)"
+            )
         if prepare is not None:
             prepare(built, saved)
     except BaseException:
@@ -184,6 +225,10 @@ def adapt_(
         _replace(model, path, adapter)
     for path, module in saved.items():
         _replace(model, path, module)
+    if shared:
+        if not isinstance(getattr(model, BANKS_ATTR, None), nn.ModuleDict):
+            setattr(model, BANKS_ATTR, nn.ModuleDict())
+        getattr(model, BANKS_ATTR).update(shared)
     if replaced:  # forget replaced weights no module uses any more, so their memory is freed
         _forget_unused(model, record)
     for p in model.parameters():
@@ -280,6 +325,7 @@ def merge_(model: nn.Module) -> nn.Module:
         _replace(model, path, adapter.merged())
     for path, module in saved:
         _replace(model, path, module.module)
+    _drop_unused_banks(model)
     return model
 
 
@@ -296,6 +342,7 @@ def unadapt_(model: nn.Module) -> nn.Module:
         _track_replaced(record, old, adapter.base)
     for path, module in saved:
         _replace(model, path, module.original)
+    _drop_unused_banks(model)
     _restore_flags(model)
     return model
 
@@ -335,13 +382,23 @@ def penalty_of(layers: Sequence[Adapter]) -> Tensor | None:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter state of the model, keyed as in `model.state_dict()`: adapter parameters and buffers (not
-    the frozen base), plus the trained copies of the modules to save."""
+    the frozen base), the shared banks once each (`loraredux_banks.<key>.<name>`), and the trained copies of the
+    modules to save."""
+    return state_of(dict(adapters(model)), dict(saved_modules(model)))
+
+
+def state_of(layers: Mapping[str, Adapter], saved: Mapping[str, SavedModule]) -> dict[str, Tensor]:
+    """`adapter_state_dict` of a model holding these adapters and saved modules at these paths (also before they
+    are swapped in, as the loaders need)."""
     state: dict[str, Tensor] = {}
-    for path, adapter in adapters(model):
+    for path, adapter in layers.items():
         for key, value in adapter.state_dict().items():
             if not key.startswith("base."):
                 state[f"{path}.{key}"] = value
-    for path, module in saved_modules(model):
+    for key, bank in sorted(shared_modules_of(layers.values()).items()):
+        for name, value in bank.state_dict().items():
+            state[f"{BANKS_ATTR}.{key}.{name}"] = value
+    for path, module in saved.items():
         for key, value in module.module.state_dict().items():
             state[f"{path}.module.{key}"] = value
     return state

@@ -12,6 +12,7 @@ from .lora_xs import LoRAXS, LoRAXSConfig
 from .mora import MoRA, MoRAConfig
 from .polar import PoLAR, PoLARConfig
 from .svft import SVFT, SVFTConfig
+from .vera import VeRA, VeRAConfig
 
 __all__ = [
     "ABBA",
@@ -38,4 +39,6 @@ __all__ = [
     "PoLAR",
     "PoLARConfig",
     "SVFTConfig",
+    "VeRA",
+    "VeRAConfig",
 ]

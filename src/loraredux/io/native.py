@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, AdapterConfig, SavedModule, check_tensors, config_from_dict
-from ..verbs import adapt_, adapter_state_dict
+from ..verbs import adapt_, adapter_state_dict, state_of
 from .layout import (
     adapted_layers,
     base_model_name,
@@ -56,18 +56,6 @@ def to_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return config, adapter_state_dict(model)
 
 
-def _state(built: dict[str, Adapter], saved: dict[str, SavedModule]) -> dict[str, Tensor]:
-    """The state `lx.adapter_state_dict` will give once these modules are in the model (same keys)."""
-    state: dict[str, Tensor] = {}
-    for path, adapter in built.items():
-        for key, value in adapter.state_dict().items():
-            if not key.startswith("base."):
-                state[f"{path}.{key}"] = value
-    for path, module in saved.items():
-        state.update({f"{path}.module.{k}": v for k, v in module.module.state_dict().items()})
-    return state
-
-
 def _fill(
     tensors: dict[str, Tensor],
     layers: dict[str, AdapterConfig],
@@ -82,7 +70,7 @@ def _fill(
             raise ValueError(
                 f"layer {path!r} was built as {adapter.config} but the file says {layers[path]}"
             )
-    own = _state(built, saved)
+    own = state_of(built, saved)
     try:
         values = check_tensors(tensors, own)
     except ValueError as err:

@@ -9,7 +9,9 @@ own state dict under its path (`base_model.model.classifier.weight`), without PE
 This file knows PEFT's generic conventions only. What a method's fields and tensors are called in PEFT lives in
 the method's own file: `Config.peft_type`, `config.peft_fields()`, `Config.from_peft_fields(fields)`,
 `adapter.peft_tensors()` and `adapter.load_peft_tensors(tensors)`, and optionally `Config.peft_base_kinds` (the
-layer kinds PEFT's version of the method adapts, when fewer than the method's `base_kinds`).
+layer kinds PEFT's version of the method adapts, when fewer than the method's `base_kinds`). A method with state
+shared by every layer (VeRA) gives its banks `peft_tensors()` / `load_peft_tensors()` too, for the tensors PEFT
+keeps at the model level (`base_model.vera_A`).
 
 A method whose PEFT config keeps per-layer entries of its own meaning (AdaLoRA's `rank_pattern` holds triplet masks,
 not ranks) names those keys in `Config.peft_layer_keys`: io then leaves them out of the generic rank / alpha
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 
 from ..core import Adapter, AdapterConfig, SavedModule, available_methods, check_tensors
 from ..core import config_class as _config_class
-from ..verbs import adapt_, saved_modules
+from ..verbs import adapt_, saved_modules, shared_modules_of
 from .layout import (
     adapted_layers,
     base_model_name,
@@ -46,6 +48,14 @@ __all__ = ["load", "supports", "to_files"]
 logger = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
+# Model-level tensors shared by every layer (VeRA's vera_A / vera_B) sit under base_model. directly.
+_SHARED = "base_model."
+
+
+def _is_shared(key: str) -> bool:
+    return key.startswith(_SHARED) and not key.startswith(PREFIX)
+
+
 # PEFT's name for the wrapped layer; it writes an adapted embedding's table under it.
 _BASE_LAYER = "base_layer."
 # PEFT task types from the model class name, and the heads PEFT then adds to modules_to_save itself.
@@ -197,6 +207,10 @@ def to_files(model: nn.Module, convert: bool = True) -> tuple[dict[str, Any], di
         for path, (_, layer_tensors) in exports.items()
         for name, tensor in layer_tensors.items()
     }
+    for bank in shared_modules_of(
+        layers.values()
+    ).values():  # model-level tensors (VeRA's vera_A / vera_B)
+        tensors.update({f"{_SHARED}{k}": v for k, v in bank.peft_tensors().items()})
     for path, module in saved_modules(model):
         tensors.update({f"{PREFIX}{path}.{k}": v for k, v in module.module.state_dict().items()})
     return config, tensors
@@ -305,6 +319,18 @@ def _fill(
     layer_fields: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> None:
     """Load the file's tensors into the adapters before they are swapped in; every check comes first."""
+    shared = {k[len(_SHARED) :]: v for k, v in tensors.items() if _is_shared(k)}
+    tensors = {k: v for k, v in tensors.items() if not _is_shared(k)}
+    banks = list(shared_modules_of(built.values()).values())
+    if shared and not banks:
+        raise ValueError(
+            f"the adapter file has model-level tensors {sorted(shared)} but the method has no shared state"
+        )
+    for bank in banks:
+        try:
+            bank.load_peft_tensors(shared)
+        except ValueError as err:
+            raise ValueError(f"shared tensors (base_model.*): {err}") from err
     groups = _group(tensors, [*built, *saved])
     base_tables: list[tuple[str, Tensor, Tensor]] = []
     for path, adapter in built.items():
