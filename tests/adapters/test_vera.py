@@ -98,7 +98,12 @@ def test_merge_and_unadapt_take_the_bank_away_and_a_second_vera_is_refused():
 
 def test_a_per_layer_rank_is_refused_by_name():
     with pytest.raises(ValueError, match="vera: every layer shares one bank of rank 4"):
-        lx.adapt_(tiny_llama(), lx.config("vera", rank=4), ["q_proj"], rank_pattern={"layers.0.self_attn.q_proj": 2})
+        lx.adapt_(
+            tiny_llama(),
+            lx.config("vera", rank=4),
+            ["q_proj"],
+            rank_pattern={"layers.0.self_attn.q_proj": 2},
+        )
 
 
 def peft_vera(make, targets, rank, seed=0, save_projection=True, saved=None):
