@@ -211,6 +211,7 @@ def adapt_(
     known = {id(p) for p, _ in record}
     adapter_params = {id(p) for a in built.values() for p in a.parameters() if p.requires_grad}
     adapter_params |= {id(p) for s in saved.values() for p in s.module.parameters()}
+    adapter_params |= {id(p) for b in shared.values() for p in b.parameters() if p.requires_grad}
     for p, flag in flags:
         if id(p) not in known and id(p) not in adapter_params:
             record.append((p, flag))

@@ -9,9 +9,11 @@ from .loha import LoHa, LoHaConfig
 from .lokr import LoKr, LoKrConfig
 from .lora import LoRA, LoRAConfig
 from .lora_xs import LoRAXS, LoRAXSConfig
+from .lotr import LoTR, LoTRConfig
 from .mora import MoRA, MoRAConfig
 from .polar import PoLAR, PoLARConfig
 from .svft import SVFT, SVFTConfig
+from .tied_lora import TiedLoRA, TiedLoRAConfig
 from .vera import VeRA, VeRAConfig
 
 __all__ = [
@@ -34,11 +36,15 @@ __all__ = [
     "LoRAConfig",
     "LoRAXS",
     "LoRAXSConfig",
+    "LoTR",
+    "LoTRConfig",
     "MoRA",
     "MoRAConfig",
     "PoLAR",
     "PoLARConfig",
     "SVFTConfig",
+    "TiedLoRA",
+    "TiedLoRAConfig",
     "VeRA",
     "VeRAConfig",
 ]

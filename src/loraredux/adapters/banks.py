@@ -12,14 +12,18 @@ one bank of the largest shape, sliced per layer, so that its files are PEFT's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
-from ..bases import view_of
+from ..bases import BaseView, view_of
 
-__all__ = ["Bank", "shape_groups", "use_bank"]
+__all__ = ["GROUPINGS", "Bank", "build_grouped", "check_one_config", "group_layers", "use_bank"]
+
+#: How layers are grouped into banks: by (out, in) shape, or by module name and shape (one bank per matrix kind,
+#: e.g. every q_proj), which is how LoTR stacks its tensors.
+GROUPINGS = ("shape", "kind")
 
 
 class Bank(nn.Module):
@@ -40,11 +44,62 @@ def use_bank(adapter: nn.Module, bank: Bank) -> None:
     object.__setattr__(adapter, "_bank", bank)
 
 
-def shape_groups(layers: Mapping[str, tuple[nn.Module, Any]]) -> dict[tuple[int, int], list[str]]:
-    """The paths of a plan (`{path: (module, config)}`) grouped by their (out, in) shape, each group in plan order,
-    the groups in order of their first layer."""
-    groups: dict[tuple[int, int], list[str]] = {}
-    for path, (module, _) in layers.items():
-        view = view_of(module)
-        groups.setdefault((view.out_features, view.in_features), []).append(path)
+def group_layers(paths_and_views: Mapping[str, BaseView], by: str) -> dict[str, list[str]]:
+    """Group layer paths into banks: `{group name: [paths]}`, groups in order of their first layer.
+
+    `by="shape"`: one group per (out, in), named "<out>x<in>"; `by="kind"`: one per module name (the last path
+    component: q_proj, value, ...) and shape, named "<kind>_<out>x<in>".
+    """
+    if by not in GROUPINGS:
+        raise ValueError(f"group must be one of {GROUPINGS}, got {by!r}")
+    groups: dict[str, list[str]] = {}
+    for path, view in paths_and_views.items():
+        shape = f"{view.out_features}x{view.in_features}"
+        name = shape if by == "shape" else f"{path.rpartition('.')[2]}_{shape}"
+        groups.setdefault(name.replace(".", "_"), []).append(path)
     return groups
+
+
+def check_one_config(
+    config: Any, layers: Mapping[str, tuple[nn.Module, Any]], what: str = "rank or alpha"
+) -> None:
+    """Refuse per-layer configs (rank_pattern / alpha_pattern) for a method whose layers share factors."""
+    different = sorted(path for path, (_, c) in layers.items() if c != config)
+    if different:
+        raise ValueError(
+            f"{config.method}: layers share their factors, so a per-layer {what} cannot apply "
+            f"(layers {different[:5]})"
+        )
+
+
+def build_grouped(
+    config: Any,
+    layers: Mapping[str, tuple[nn.Module, Any]],
+    by: str,
+    make_bank: Callable[[str, list[BaseView]], Bank],
+    make_adapter: Callable[[nn.Module, Bank], nn.Module],
+) -> dict[str, Any]:
+    """Adapters for a method with one bank per group of layers (`group_layers`): check that the layers share one
+    config and are of supported kinds, make each group's bank (`make_bank(key, views)`, key "<method>_<group>"),
+    then each layer's adapter on its bank. Errors name the layer."""
+    check_one_config(config, layers)
+    views: dict[str, BaseView] = {}
+    for path, (module, _) in layers.items():
+        try:
+            views[path] = view_of(module)
+        except TypeError as err:
+            raise TypeError(f"{path}: {err}") from err
+        if views[path].kind not in config.base_kinds:
+            raise TypeError(
+                f"{path}: {config.method} does not support a {type(module).__name__} base (it supports "
+                f"{', '.join(config.base_kinds)} layers)"
+            )
+    built: dict[str, Any] = {}
+    for group, paths in group_layers(views, by).items():
+        bank = make_bank(f"{config.method}_{group}", [views[p] for p in paths])
+        for path in paths:
+            try:
+                built[path] = make_adapter(layers[path][0], bank)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{path}: {err}") from err
+    return {path: built[path] for path in layers}  # in plan order
