@@ -9,11 +9,13 @@ from .loha import LoHa, LoHaConfig
 from .lokr import LoKr, LoKrConfig
 from .lora import LoRA, LoRAConfig
 from .lora_xs import LoRAXS, LoRAXSConfig
+from .lorta import LoRTA, LoRTAConfig
 from .lotr import LoTR, LoTRConfig
 from .mora import MoRA, MoRAConfig
 from .polar import PoLAR, PoLARConfig
 from .svft import SVFT, SVFTConfig
 from .tied_lora import TiedLoRA, TiedLoRAConfig
+from .tucker import Tucker, TuckerConfig
 from .vera import VeRA, VeRAConfig
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "LoRAConfig",
     "LoRAXS",
     "LoRAXSConfig",
+    "LoRTA",
+    "LoRTAConfig",
     "LoTR",
     "LoTRConfig",
     "MoRA",
@@ -45,6 +49,8 @@ __all__ = [
     "SVFTConfig",
     "TiedLoRA",
     "TiedLoRAConfig",
+    "Tucker",
+    "TuckerConfig",
     "VeRA",
     "VeRAConfig",
 ]

@@ -15,11 +15,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..bases import BaseView, view_of
 
-__all__ = ["GROUPINGS", "Bank", "build_grouped", "check_one_config", "group_layers", "use_bank"]
+__all__ = [
+    "GROUPINGS",
+    "Bank",
+    "build_grouped",
+    "check_one_config",
+    "coordinates",
+    "group_layers",
+    "orthonormal_",
+    "use_bank",
+]
 
 #: How layers are grouped into banks: by (out, in) shape, or by module name and shape (one bank per matrix kind,
 #: e.g. every q_proj), which is how LoTR stacks its tensors.
@@ -37,6 +47,15 @@ class Bank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"key={self.key!r}"
+
+
+@torch.no_grad()
+def orthonormal_(factor: Tensor) -> Tensor:
+    """Fill an (n, r) factor with orthonormal columns, the QR of a float64 Gaussian draw from torch's RNG; where
+    n < r (a mode smaller than its rank) with the draw itself scaled by 1 / sqrt(n)."""
+    n, r = factor.shape
+    draw = torch.randn(n, r, dtype=torch.float64)
+    return factor.copy_(torch.linalg.qr(draw).Q if n >= r else draw / n**0.5)
 
 
 def use_bank(adapter: nn.Module, bank: Bank) -> None:
@@ -60,6 +79,26 @@ def group_layers(paths_and_views: Mapping[str, BaseView], by: str) -> dict[str, 
     return groups
 
 
+def coordinates(paths: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
+    """Each layer's place in a stacked (out, in, layer, kind) tensor: the layer is the module's parent path (one
+    transformer block's attention or MLP, "model.layers.3.self_attn"), the kind its own name ("q_proj").
+
+    Returns:
+        (the distinct parents, the distinct kinds, {path: (layer index, kind index)}), in order of appearance.
+    """
+    parents: list[str] = []
+    kinds: list[str] = []
+    place: dict[str, tuple[int, int]] = {}
+    for path in paths:
+        parent, _, kind = path.rpartition(".")
+        if parent not in parents:
+            parents.append(parent)
+        if kind not in kinds:
+            kinds.append(kind)
+        place[path] = (parents.index(parent), kinds.index(kind))
+    return parents, kinds, place
+
+
 def check_one_config(
     config: Any, layers: Mapping[str, tuple[nn.Module, Any]], what: str = "rank or alpha"
 ) -> None:
@@ -76,12 +115,13 @@ def build_grouped(
     config: Any,
     layers: Mapping[str, tuple[nn.Module, Any]],
     by: str,
-    make_bank: Callable[[str, list[BaseView]], Bank],
-    make_adapter: Callable[[nn.Module, Bank], nn.Module],
+    make_bank: Callable[[str, list[BaseView], list[str]], Bank],
+    make_adapter: Callable[[nn.Module, Bank, str], nn.Module],
 ) -> dict[str, Any]:
     """Adapters for a method with one bank per group of layers (`group_layers`): check that the layers share one
-    config and are of supported kinds, make each group's bank (`make_bank(key, views)`, key "<method>_<group>"),
-    then each layer's adapter on its bank. Errors name the layer."""
+    config and are of supported kinds, make each group's bank (`make_bank(key, views, paths)`, key
+    "<method>_<group>"), then each layer's adapter on its bank (`make_adapter(module, bank, path)`). Errors name
+    the layer."""
     check_one_config(config, layers)
     views: dict[str, BaseView] = {}
     for path, (module, _) in layers.items():
@@ -96,10 +136,10 @@ def build_grouped(
             )
     built: dict[str, Any] = {}
     for group, paths in group_layers(views, by).items():
-        bank = make_bank(f"{config.method}_{group}", [views[p] for p in paths])
+        bank = make_bank(f"{config.method}_{group}", [views[p] for p in paths], paths)
         for path in paths:
             try:
-                built[path] = make_adapter(layers[path][0], bank)
+                built[path] = make_adapter(layers[path][0], bank, path)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{path}: {err}") from err
     return {path: built[path] for path in layers}  # in plan order

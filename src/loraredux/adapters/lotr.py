@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..bases import BaseView
 from ..core import Adapter, AdapterConfig, accumulate_, initialising, register
-from .banks import GROUPINGS, Bank, build_grouped, use_bank
+from .banks import GROUPINGS, Bank, build_grouped, orthonormal_, use_bank
 
 __all__ = ["LoTR", "LoTRBank", "LoTRConfig"]
 
@@ -38,10 +38,8 @@ class LoTRBank(Bank):
         self.U = nn.Parameter(torch.empty(out, rank, **kw))
         self.V = nn.Parameter(torch.empty(inp, rank, **kw))
         if initialising():
-            with torch.no_grad():
-                for factor in (self.U, self.V):
-                    draw = torch.randn(factor.shape, dtype=torch.float64)
-                    factor.copy_(torch.linalg.qr(draw).Q)
+            orthonormal_(self.U)
+            orthonormal_(self.V)
 
     @classmethod
     def for_views(cls, key: str, config: LoTRConfig, views: list[BaseView]) -> LoTRBank:
@@ -137,6 +135,6 @@ class LoTRConfig(AdapterConfig):
             self,
             layers,
             self.group,
-            lambda key, views: LoTRBank.for_views(key, self, views),
-            lambda module, bank: LoTR(module, self, bank),  # type: ignore[arg-type]
+            lambda key, views, _paths: LoTRBank.for_views(key, self, views),
+            lambda module, bank, _path: LoTR(module, self, bank),  # type: ignore[arg-type]
         )

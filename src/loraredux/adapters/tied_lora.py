@@ -136,6 +136,6 @@ class TiedLoRAConfig(AdapterConfig):
             self,
             layers,
             self.group,
-            lambda key, views: TiedLoRABank.for_views(key, self, views),
-            lambda module, bank: TiedLoRA(module, self, bank),  # type: ignore[arg-type]
+            lambda key, views, _paths: TiedLoRABank.for_views(key, self, views),
+            lambda module, bank, _path: TiedLoRA(module, self, bank),  # type: ignore[arg-type]
         )

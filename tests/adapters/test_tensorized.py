@@ -1,0 +1,130 @@
+"""LoRTA (CP) and Tucker over the stacked (out, in, layer, kind) update tensor: every layer's update is its slice of
+the tensor written out here with einsum, the tensor has the promised multilinear ranks, and the counts, storage and
+gradients are those of one shared decomposition per shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loraredux as lx
+from tiny_models import tiny_llama
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=ids()).logits
+
+
+@torch.no_grad()
+def randomize(params, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def stacked(method: str, bank) -> torch.Tensor:
+    """The (out, in, layer, kind) update tensor of a bank, unscaled, from its factors alone."""
+    if method == "lorta":
+        return torch.einsum("or,ir,lr,kr->oilk", bank.A, bank.B, bank.C, bank.D)
+    return torch.einsum(
+        "abcd,oa,ib,lc,kd->oilk", bank.G, bank.U_out, bank.U_in, bank.U_layer, bank.U_kind
+    )
+
+
+def adapted(method: str, layers: int = 3, **fields):
+    config = lx.config(method, rank=3, alpha=6, **fields)
+    model = lx.adapt_(tiny_llama(layers=layers), config, ["q_proj", "o_proj", "k_proj", "v_proj"])
+    randomize(lx.trainable_parameters(model).values())
+    return model
+
+
+@pytest.mark.parametrize("method", ["lorta", "tucker"])
+def test_each_layer_is_its_slice_of_the_stacked_tensor(method):
+    model = adapted(method)
+    banks = lx.banks(model)
+    assert sorted(banks) == [f"{method}_16x16", f"{method}_8x16"]
+    for path, a in lx.adapters(model):
+        block = int(path.split(".")[2])  # model.layers.<block>.self_attn.<kind>
+        kind = {"q_proj": 0, "o_proj": 1, "k_proj": 0, "v_proj": 1}[path.rpartition(".")[2]]
+        T = 2.0 * stacked(method, a.bank)  # s = alpha / r = 2
+        assert T.shape[2:] == (3, 2)  # three blocks, two kinds in each shape group
+        torch.testing.assert_close(a.delta_weight(), T[:, :, block, kind], rtol=1e-12, atol=1e-12)
+
+
+def unfolding_ranks(T: torch.Tensor) -> list[int]:
+    return [
+        int(torch.linalg.matrix_rank(T.movedim(n, 0).reshape(T.shape[n], -1))) for n in range(4)
+    ]
+
+
+def test_lorta_tensor_has_cp_rank_at_most_r_in_every_unfolding():
+    model = adapted("lorta")
+    T = stacked("lorta", lx.banks(model)["lorta_16x16"])
+    assert unfolding_ranks(T) == [3, 3, 3, 2]  # each unfolding's rank is min(r, the mode's size)
+
+
+def test_tucker_has_a_rank_per_mode_capped_at_the_mode_size():
+    model = adapted("tucker", layer_rank=2, kind_rank=5)
+    bank = lx.banks(model)["tucker_16x16"]
+    assert tuple(bank.G.shape) == (3, 3, 2, 2)  # kind_rank 5 capped at the two kinds
+    assert unfolding_ranks(stacked("tucker", bank)) == [3, 3, 2, 2]
+    assert "ranks (out, in, layer, kind) = (3, 3, 2, 2)" in repr(bank)
+
+
+@pytest.mark.parametrize("method", ["lorta", "tucker"])
+def test_trainable_parameters_are_one_decomposition_per_shape(method):
+    model = adapted(method)
+    config = next(a for _, a in lx.adapters(model)).config
+    expected = sum(
+        config.bank_parameter_count(i, o, 3, 2) for o, i in ((16, 16), (8, 16))
+    )  # three blocks x two kinds in each group
+    assert sum(p.numel() for p in lx.trainable_parameters(model).values()) == expected
+    assert all(n.startswith("loraredux_banks.") for n in lx.trainable_parameters(model))
+    if method == "lorta":
+        assert expected == 3 * (16 + 16 + 3 + 2) + 3 * (8 + 16 + 3 + 2)
+
+
+@pytest.mark.parametrize("method", ["lorta", "tucker"])
+def test_gradients_reach_every_factor_and_the_start_is_w0(method):
+    fresh = lx.adapt_(tiny_llama(), lx.config(method, rank=3), TARGETS)
+    torch.testing.assert_close(logits(fresh), logits(tiny_llama()), rtol=0, atol=0)
+    model = adapted(method)
+    model(input_ids=ids()).logits.square().sum().backward()
+    for name, p in lx.trainable_parameters(model).items():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("method", ["lorta", "tucker"])
+def test_saved_once_loaded_exactly_and_merged(method, tmp_path: Path):
+    model = adapted(method)
+    expected = logits(model)
+    path = lx.save_adapter(model, tmp_path / "a")
+    saved = load_file(path / "adapter_model.safetensors")
+    assert {k.split(".")[1] for k in saved} == {
+        f"{method}_16x16",
+        f"{method}_8x16",
+    }  # only the banks
+    loaded = lx.load_adapter(tiny_llama(layers=3), path)
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=0)
+    lx.merge_(loaded)
+    assert not lx.banks(loaded)
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["lorta", "tucker"])
+def test_group_by_kind_gives_each_projection_its_own_tensor(method):
+    model = lx.adapt_(tiny_llama(), lx.config(method, rank=2, group="kind"), TARGETS)
+    banks = lx.banks(model)
+    assert len(banks) == 7
+    first = banks[f"{method}_q_proj_16x16"]
+    assert first.kinds == ["q_proj"] and len(first.parents) == 2
