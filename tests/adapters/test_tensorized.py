@@ -4,6 +4,7 @@ gradients are those of one shared decomposition per shape."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,60 @@ def test_group_by_kind_gives_each_projection_its_own_tensor(method):
     assert len(banks) == 7
     first = banks[f"{method}_q_proj_16x16"]
     assert first.kinds == ["q_proj"] and len(first.parents) == 2
+
+
+def train_tensor(bank) -> torch.Tensor:
+    """The full tensor of a train, (o_1, .., o_p, layer, kind, i_1, .., i_q), by one einsum over its cores."""
+    cores = [*bank.out_cores, bank.layer_core, bank.kind_core, *bank.in_cores]
+    bonds, modes = "abcdefghij", "ABCDEFGHIJ"
+    spec = ",".join(f"{bonds[j]}{modes[j]}{bonds[j + 1]}" for j in range(len(cores)))
+    return torch.einsum(f"{spec}->{bonds[0]}{modes[: len(cores)]}{bonds[len(cores)]}", *cores)[
+        0, ..., 0
+    ]
+
+
+def test_tensor_train_layers_are_slices_of_one_train_with_tensorized_out_and_in():
+    model = lx.adapt_(tiny_llama(layers=3), lx.config("tensor_train", rank=3, alpha=6),
+                      ["q_proj", "o_proj", "k_proj", "v_proj"])  # fmt: skip
+    randomize(lx.trainable_parameters(model).values())
+    bank = lx.banks(model)["tensor_train_8x16"]
+    assert bank.sizes == [2, 4, 3, 2, 4, 4]  # out 8 = 2 x 4, three blocks, two kinds, in 16 = 4 x 4
+    for path, a in lx.adapters(model):
+        T = train_tensor(a.bank)  # (o_1, o_2, layer, kind, i_1, i_2)
+        block = int(path.split(".")[2])
+        kind = {"q_proj": 0, "o_proj": 1, "k_proj": 0, "v_proj": 1}[path.rpartition(".")[2]]
+        out, inp = a.out_features, a.in_features
+        expected = 2.0 * T[:, :, block, kind].reshape(
+            out, inp
+        )  # row-major (o_1, o_2) and (i_1, i_2)
+        torch.testing.assert_close(a.delta_weight(), expected, rtol=1e-12, atol=1e-12, msg=path)
+    # the train's bond ranks bound the unfoldings: rank of (modes 1..j) x (modes j+1..) <= r_j
+    T = train_tensor(bank)
+    for j, r in enumerate([2, 3, 3, 3, 3]):  # r_1 = min(3, 2), then 3
+        left = math.prod(T.shape[: j + 1])
+        assert torch.linalg.matrix_rank(T.reshape(left, -1)) <= r
+
+
+def test_tensor_train_counts_and_storage(tmp_path: Path):
+    config = lx.config("tensor_train", rank=3)
+    model = lx.adapt_(tiny_llama(layers=3), config, TARGETS)
+    randomize(lx.trainable_parameters(model).values())
+    shapes = {(16, 16): (3, 2), (8, 16): (3, 2), (32, 16): (3, 2), (16, 32): (3, 1)}
+    expected = sum(config.bank_parameter_count(i, o, l, k) for (o, i), (l, k) in shapes.items())
+    assert sum(p.numel() for p in lx.trainable_parameters(model).values()) == expected
+    # 16 x 16, 3 blocks, 2 kinds: modes (4, 4, 3, 2, 4, 4), bonds (1, 3, 3, 3, 3, 3, 1)
+    assert (
+        config.bank_parameter_count(16, 16, 3, 2)
+        == 4 * 3 + 3 * 4 * 3 + 3 * 3 * 3 + 3 * 2 * 3 + 3 * 4 * 3 + 3 * 4
+    )
+    path = lx.save_adapter(model, tmp_path / "tt")
+    loaded = lx.load_adapter(tiny_llama(layers=3), path)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    fresh = lx.adapt_(tiny_llama(), config, TARGETS)  # the layer core starts at zero: W' = W0
+    torch.testing.assert_close(logits(fresh), logits(tiny_llama()), rtol=0, atol=0)
+    fresh(input_ids=ids()).logits.square().sum().backward()
+    grads = {n: p.grad for n, p in lx.trainable_parameters(fresh).items()}
+    assert all(g is not None for g in grads.values())
+    assert all(
+        (g.abs().max() > 0) == ("layer_core" in n) for n, g in grads.items()
+    )  # only L moves first

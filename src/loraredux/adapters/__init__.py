@@ -14,6 +14,7 @@ from .lotr import LoTR, LoTRConfig
 from .mora import MoRA, MoRAConfig
 from .polar import PoLAR, PoLARConfig
 from .svft import SVFT, SVFTConfig
+from .tensor_train import TensorTrain, TensorTrainConfig
 from .tied_lora import TiedLoRA, TiedLoRAConfig
 from .tucker import Tucker, TuckerConfig
 from .vera import VeRA, VeRAConfig
@@ -47,6 +48,8 @@ __all__ = [
     "PoLAR",
     "PoLARConfig",
     "SVFTConfig",
+    "TensorTrain",
+    "TensorTrainConfig",
     "TiedLoRA",
     "TiedLoRAConfig",
     "Tucker",
