@@ -186,3 +186,29 @@ def test_tensor_train_counts_and_storage(tmp_path: Path):
     assert all(
         (g.abs().max() > 0) == ("layer_core" in n) for n, g in grads.items()
     )  # only L moves first
+
+
+@pytest.mark.parametrize("method", ["tied_lora", "lotr", "lorta", "tucker", "tensor_train"])
+def test_smollm2_all_linear_gets_one_bank_per_shape(method):
+    """SmolLM2's Llama layout: q/o (576 -> 576), grouped-query k/v (576 -> 192), gate/up (576 -> 1536) and down
+    (1536 -> 576) over 30 blocks: four banks, each layer in its own, and the model starts where it was."""
+    from loraredux import assets
+
+    model, _ = assets.load_smollm2()
+    x = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    lx.adapt_(model, lx.config(method, rank=4), "all-linear", exclude=["lm_head"])
+    banks = lx.banks(model)
+    assert sorted(banks) == sorted(
+        f"{method}_{s}" for s in ("576x576", "192x576", "1536x576", "576x1536")
+    )
+    layers = dict(lx.adapters(model))
+    assert len(layers) == 30 * 7
+    for path, a in layers.items():
+        assert a.bank is banks[f"{method}_{a.out_features}x{a.in_features}"], path
+    if method in ("lorta", "tucker", "tensor_train"):
+        assert len(banks[f"{method}_576x576"].parents) == 30
+        assert banks[f"{method}_576x576"].kinds == ["q_proj", "o_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, before, rtol=0, atol=0)

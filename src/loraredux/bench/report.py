@@ -4,7 +4,8 @@ A *configuration* is everything but the learning rate and the seed (suite, probl
 optimizer and its options, rank). For each one the report gives:
 - **best of sweep**: the learning rate whose mean of the suite's primary metric over seeds is best, with the spread
   over those seeds (mean, standard deviation, n), its cost (trainable parameters, the median wall time and the
-  median growth of the peak memory over a run) and the configuration's failed runs;
+  median growth of the peak memory over a run; and the median step time and adapter file size where the suite
+  records them, `COSTS`) and the configuration's failed runs;
 - **learning-rate sensitivity**: the mean of the primary metric at every learning rate of the sweep (a failed run
   makes its cell "failed (k)").
 With matplotlib installed (`pip install loraredux[bench]`), three plots per suite go beside it and into the report:
@@ -49,6 +50,16 @@ PRIMARY: dict[str, Primary] = {
 }
 
 STORE_NAME = "results.sqlite"
+# Cost metrics a suite may record, shown as extra best-of-sweep columns (median over seeds): name -> (column, factor)
+COSTS: dict[str, tuple[str, float]] = {
+    "step_seconds": ("median step ms", 1e3),
+    "adapter_bytes": ("adapter KiB", 1 / 1024),
+}
+
+
+def _median_cost(group: list[Run], name: str, factor: float) -> str:
+    values = [v for r in group if (v := r.metrics.get(name)) is not None]
+    return _fmt(statistics.median(values) * factor) if values else "-"
 
 
 def _config(run: Run) -> tuple[str, ...]:
@@ -226,6 +237,11 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
             raise ValueError(f"no primary metric for suite {suite!r}; known: {sorted(PRIMARY)}")
         metric, goal = PRIMARY[suite][:2]
         configs = [c for c in by_config if c[0] == suite]
+        cost_columns = {
+            name: spec
+            for name, spec in COSTS.items()
+            if any(name in r.metrics for c in configs for g in by_config[c].values() for r in g)
+        }
         lrs = sorted({lr for c in configs for lr in by_config[c]})
         best_rows, sens_rows = [], []
         for c in configs:
@@ -243,7 +259,8 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
                     cells.append(f"failed ({failed})" if failed else "-")
             sens_rows.append([*c[1:], *cells])
             if not means:
-                best_rows.append([*c[1:], "-", "all failed", "-", "-", "-", "-"])
+                filler = ["-"] * (4 + len(cost_columns))
+                best_rows.append([*c[1:], "-", "all failed", *filler, "-"])
                 continue
             best = (min if goal == "min" else max)(means, key=means.__getitem__)
             group = [r for r in by_config[c][best] if r.status == "ok"]
@@ -253,6 +270,9 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
             wall = statistics.median(r.wall_seconds for r in group)
             peaks = [r.peak_memory_bytes for r in group if r.peak_memory_bytes is not None]
             peak = f"{statistics.median(peaks) / 2**20:.0f}" if peaks else "-"
+            costs = [
+                _median_cost(group, name, factor) for name, (_, factor) in cost_columns.items()
+            ]
             best_rows.append(
                 [
                     *c[1:],
@@ -261,6 +281,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
                     f"{params:,}" if params is not None else "-",
                     f"{wall:.2f}",
                     peak,
+                    *costs,
                     str(
                         sum(len(v) for v in by_config[c].values())
                         - sum(r.status == "ok" for v in by_config[c].values() for r in v)
@@ -283,6 +304,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
                     "trainable",
                     "median wall s",
                     "median peak MiB",
+                    *(label for label, _ in cost_columns.values()),
                     "failed runs",
                 ],
                 best_rows,

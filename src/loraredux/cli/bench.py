@@ -26,7 +26,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset",
         help="one of the suite's named specs (default full; every suite has quick and full, sp also "
-        "full_teacher)",
+        "full_teacher, classify also budget: the cross-layer methods at LoRA r=8's parameter budget)",
     )
     p.add_argument("--spec", type=Path, help="a JSON spec instead of the suite's default")
     p.add_argument(

@@ -10,7 +10,7 @@ from ..trial import Trial
 from .real import kjv, rotten_tomatoes
 from .sp import sensing, teacher
 
-__all__ = ["SPECS", "SUITES", "execute"]
+__all__ = ["BUDGET_RANKS", "SPECS", "SUITES", "execute"]
 
 SUITES: dict[str, dict[str, Callable[[Trial], Outcome]]] = {
     "sp": {"sensing": sensing, "teacher": teacher},
@@ -22,6 +22,29 @@ SUITES: dict[str, dict[str, Callable[[Trial], Outcome]]] = {
 # The default specs of each suite: "quick" (minutes on 2 cores; CI runs sp's), "full" and further named ones
 # (`loraredux bench sp --preset full_teacher`).
 _SP_OPTIMIZERS = ["adamw", "scaled_adamw", "reflora", "altlora", "lora_rite"]
+# The rank at which each cross-layer method trains at most LoRA r=8's 73,728 parameters on MiniLM's query/value
+# layers (`loraredux.bench.budget.rank_for_budget`; tests/bench/test_budget.py checks them).
+BUDGET_RANKS = {
+    "vera": 5760,
+    "tied_lora": 88,
+    "lotr": 52,
+    "lorta": 95,
+    "tucker": 59,
+    "tensor_train": 58,
+}
+SHARED_METHODS = ("tied_lora", "lotr", "lorta", "tucker", "tensor_train")
+# The classify suite's quick setting: LoRA r=8 on MiniLM's query/value (+ the head), one epoch of 1,280 snippets.
+_CLASSIFY_QUICK: dict[str, Any] = {
+    "suite": "classify",
+    "problems": [
+        {"name": "rotten_tomatoes", "options": {"train_examples": 1280, "batch_size": 16}}
+    ],
+    "methods": ["lora"],
+    "ranks": [8],
+    "lrs": [1e-3, 3e-3, 1e-2],
+    "seeds": [0, 1],
+    "steps": 80,
+}
 SPECS: dict[str, dict[str, dict[str, Any]]] = {
     "sp": {
         "quick": {
@@ -78,21 +101,27 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
     # data-aware init, DoRA, and the parameterization-aware optimizers. quick: one epoch of 1,280 snippets.
     "classify": {
         "quick": {
-            "suite": "classify",
-            "problems": [
-                {"name": "rotten_tomatoes", "options": {"train_examples": 1280, "batch_size": 16}}
-            ],
-            "methods": ["lora"],
-            "ranks": [8],
-            "lrs": [1e-3, 3e-3, 1e-2],
-            "seeds": [0, 1],
-            "steps": 80,
+            **_CLASSIFY_QUICK,
             # LoRA+ trains B 16 times faster than A: its grid sits a step lower.
             "variants": [
                 {},
                 {"inits": ["pissa"]},
                 {"methods": ["dora"]},
                 {"optimizers": ["loraplus"], "lrs": [3e-4, 1e-3, 3e-3]},
+            ],
+        },
+        # The cross-layer methods at LoRA r=8's budget (BUDGET_RANKS). VeRA draws its projections again from the
+        # seed (save_projection=False), so its file holds the vectors only, and gets a grid a step higher.
+        "budget": {
+            **_CLASSIFY_QUICK,
+            "variants": [
+                {},
+                {
+                    "methods": [{"name": "vera", "options": {"save_projection": False}}],
+                    "ranks": [BUDGET_RANKS["vera"]],
+                    "lrs": [3e-3, 1e-2, 3e-2],
+                },
+                *({"methods": [m], "ranks": [BUDGET_RANKS[m]]} for m in SHARED_METHODS),
             ],
         },
         "full": {

@@ -9,14 +9,18 @@ metric on the fixed held-out set (the same for every trial with the same problem
 and the data order follow the seed. A non-finite loss (a learning rate past the stable range) raises
 FloatingPointError before that step changes anything: the runner stores a failed run.
 
-Metrics: the task's metric (`accuracy`, or `perplexity` with the held-out `loss`), and `train_loss`, the mean loss
-over the last tenth of the steps. Curves: `train_loss`, the loss of each step averaged over windows of `every`
-steps, and the task's metric at every `eval_every` steps (0: only after the last step).
+Metrics: the task's metric (`accuracy`, or `perplexity` with the held-out `loss`), `train_loss` (the mean loss over
+the last tenth of the steps), `step_seconds` (training time over the steps: forward, backward and optimizer step)
+and `adapter_bytes` (the size of the adapter file `lx.save_adapter` writes). Curves: `train_loss`, the loss of each
+step averaged over windows of `every` steps, and the task's metric at every `eval_every` steps (0: only after the
+last step).
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,7 +126,12 @@ def _finetune(trial: Trial, o: dict[str, Any], data: str, **build: Any) -> Outco
     final = result.evals[-1][1]  # fit evaluates after the last step
     losses, every = result.losses, o["every"]
     tail = losses[-max(1, len(losses) // 10) :]
-    metrics: dict[str, float | None] = {**final, "train_loss": statistics.fmean(tail)}
+    metrics: dict[str, float | None] = {
+        **final,
+        "train_loss": statistics.fmean(tail),
+        "step_seconds": result.seconds / max(1, result.steps),
+        "adapter_bytes": _adapter_bytes(model),
+    }
     curves: dict[str, list[float | None]] = {
         "train_loss": [
             statistics.fmean(losses[i : i + every]) for i in range(0, len(losses), every)
@@ -134,6 +143,13 @@ def _finetune(trial: Trial, o: dict[str, Any], data: str, **build: Any) -> Outco
         curves=curves,
         trainable_parameters=sum(p.numel() for p in lx.trainable_parameters(model).values()),
     )
+
+
+def _adapter_bytes(model: torch.nn.Module) -> float:
+    """The size of the adapter file `lx.save_adapter` writes (its default format), in bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = lx.save_adapter(model, Path(tmp) / "adapter")
+        return float((path / "adapter_model.safetensors").stat().st_size)
 
 
 def rotten_tomatoes(trial: Trial) -> Outcome:
