@@ -218,3 +218,18 @@ def test_train_with_a_scaled_optimizer(tmp_path, capsys):
     bad = ["train", "--optimizer", "loraplus", "--optimizer-option", "ratio=-1", "--steps", "1"]
     assert main([*bad, "--train-examples", "8", "--eval-examples", "8", "--no-progress"]) == 2
     assert "ratio must be > 0" in capsys.readouterr().err
+
+
+def test_a_cross_layer_method_trains_saves_inspects_and_merges(tmp_path, capsys):
+    out = tmp_path / "tied"
+    argv = ["train", "--method", "tied_lora", "--rank", "4", "--train-examples", "32",
+            "--eval-examples", "16", "--steps", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    # MiniLM's twelve query/value layers are all 384 x 384: one tied pair, r (in + out) = 4 * 768
+    assert "shared bank tied_lora_384x384: 3,072 trainable parameters, used by 12 layers" in shown
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out), "--out", str(merged)]) == 0
+    assert (merged / "config.json").is_file()

@@ -116,6 +116,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     saved = [n for n, _ in saved_modules(model)]
     if saved:
         print(f"modules trained in full: {', '.join(saved)}")
+    for key, bank in lx.banks(
+        model
+    ).items():  # cross-layer state, once for all the layers that use it
+        users = sum(key in a.shared_modules() for _, a in layers)
+        shared = sum(p.numel() for p in bank.parameters() if p.requires_grad)
+        print(f"shared bank {key}: {shared:,} trainable parameters, used by {users} layers")
     print(
         f"{'layer':<48} {'out x in':>11} {'rank':>4} {'params':>8}  {'stable':>6}  top singular values"
     )
