@@ -37,9 +37,8 @@ __all__ = [
 ]
 
 _FROZEN_ATTR = "_loraredux_frozen"  # on the model root: [(parameter, requires_grad before adapt_)]
-BANKS_ATTR = (
-    "loraredux_banks"  # on the model root: an nn.ModuleDict of the adapters' shared modules, by key
-)
+# On the model root: an nn.ModuleDict of the adapters' shared modules (banks), by key.
+BANKS_ATTR = "loraredux_banks"
 
 
 def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:

@@ -207,9 +207,8 @@ def to_files(model: nn.Module, convert: bool = True) -> tuple[dict[str, Any], di
         for path, (_, layer_tensors) in exports.items()
         for name, tensor in layer_tensors.items()
     }
-    for bank in shared_modules_of(
-        layers.values()
-    ).values():  # model-level tensors (VeRA's vera_A / vera_B)
+    # model-level tensors (VeRA's vera_A / vera_B)
+    for bank in shared_modules_of(layers.values()).values():
         tensors.update({f"{_SHARED}{k}": v for k, v in bank.peft_tensors().items()})
     for path, module in saved_modules(model):
         tensors.update({f"{PREFIX}{path}.{k}": v for k, v in module.module.state_dict().items()})
