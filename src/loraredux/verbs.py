@@ -193,8 +193,8 @@ def adapt_(
         taken = sorted(set(shared) & set(banks(model)))
         if taken:
             raise ValueError(
-                f"the model already has the shared module(s) {taken} of an earlier lx.adapt_: a cross-layer "
-                "method adapts a model once (lx.unadapt_ or lx.merge_ it first)"
+                f"the model already has the shared module(s) {taken} of an earlier lx.adapt_: adapt all the "
+                "layers that share them in one call (or lx.unadapt_ / lx.merge_ the model first)"
             )
         if prepare is not None:
             prepare(built, saved)
