@@ -1,8 +1,8 @@
-"""The model verbs: `adapt_`, `merge_`, `unadapt_`, `disabled` and the adapter state of a model.
+"""The model verbs: `adapt_`, `merge_`, `unadapt_`, `disabled` and `penalty` (the adapter state of a model is in
+`state.py`, re-exported here).
 
 Adapting a model is one generic function (`adapt_`): plan which layers, build every adapter (anything that can fail
-fails here, before the model is touched), then swap them in. Adapter state is found by `isinstance`, never by
-parameter-name prefixes.
+fails here, before the model is touched), then swap them in.
 """
 
 from __future__ import annotations
@@ -17,6 +17,18 @@ from torch import Tensor, nn
 from . import init as inits
 from .bases import view_of
 from .core import Adapter, AdapterConfig, SavedModule, deferring_base_changes, skip_initialisation
+from .state import (
+    BANKS_ATTR,
+    adapter_state_dict,
+    adapters,
+    banks,
+    drop_unused_banks,
+    load_adapter_state_dict,
+    saved_modules,
+    shared_modules_of,
+    state_of,
+    trainable_parameters,
+)
 from .targets import TargetSpec, check_pattern, pattern_value, select
 
 __all__ = [
@@ -37,49 +49,6 @@ __all__ = [
 ]
 
 _FROZEN_ATTR = "_loraredux_frozen"  # on the model root: [(parameter, requires_grad before adapt_)]
-# On the model root: an nn.ModuleDict of the adapters' shared modules (banks), by key.
-BANKS_ATTR = "loraredux_banks"
-
-
-def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
-    """(path, adapter) for every adapted layer of the model."""
-    for name, module in model.named_modules():
-        if isinstance(module, Adapter):
-            yield name, module
-
-
-def banks(model: nn.Module) -> dict[str, nn.Module]:
-    """The shared cross-layer modules registered at the model's root (`Adapter.shared_modules`), by key."""
-    found = getattr(model, BANKS_ATTR, None)
-    return dict(found.items()) if isinstance(found, nn.ModuleDict) else {}
-
-
-def shared_modules_of(layers: Iterable[Adapter]) -> dict[str, nn.Module]:
-    """The shared modules these adapters use, by key; one key must mean one module."""
-    shared: dict[str, nn.Module] = {}
-    for adapter in layers:
-        for key, module in adapter.shared_modules().items():
-            if shared.setdefault(key, module) is not module:
-                raise ValueError(f"two different shared modules use the key {key!r}")
-    return shared
-
-
-def _drop_unused_banks(model: nn.Module) -> None:
-    """Remove the banks no adapter of the model uses any more (all of them after merge_ / unadapt_)."""
-    registered = getattr(model, BANKS_ATTR, None)
-    if not isinstance(registered, nn.ModuleDict):
-        return
-    used = shared_modules_of(a for _, a in adapters(model))
-    for key in [k for k in registered if k not in used]:
-        del registered[key]
-    if not len(registered):
-        delattr(model, BANKS_ATTR)
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
-    for name, module in model.named_modules():
-        if isinstance(module, SavedModule):
-            yield name, module
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -325,7 +294,7 @@ def merge_(model: nn.Module) -> nn.Module:
         _replace(model, path, adapter.merged())
     for path, module in saved:
         _replace(model, path, module.module)
-    _drop_unused_banks(model)
+    drop_unused_banks(model)
     return model
 
 
@@ -342,7 +311,7 @@ def unadapt_(model: nn.Module) -> nn.Module:
         _track_replaced(record, old, adapter.base)
     for path, module in saved:
         _replace(model, path, module.original)
-    _drop_unused_banks(model)
+    drop_unused_banks(model)
     _restore_flags(model)
     return model
 
@@ -361,11 +330,6 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             m.enabled = flag
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """`{name: parameter}` of every parameter that requires a gradient (after `adapt_`: the adapters')."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def penalty(model: nn.Module) -> Tensor | None:
     """The sum of the adapters' regularisers (e.g. AdaLoRA's orthogonality), to add to the training loss.
 
@@ -378,58 +342,3 @@ def penalty_of(layers: Sequence[Adapter]) -> Tensor | None:
     """The sum of these adapters' regularisers, or None (for a loop that found its adapters once)."""
     terms = [t for a in layers if (t := a.penalty()) is not None]
     return torch.stack(terms).sum() if terms else None
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter state of the model, keyed as in `model.state_dict()`: adapter parameters and buffers (not
-    the frozen base), the shared banks once each (`loraredux_banks.<key>.<name>`), and the trained copies of the
-    modules to save."""
-    return state_of(dict(adapters(model)), dict(saved_modules(model)))
-
-
-def state_of(layers: Mapping[str, Adapter], saved: Mapping[str, SavedModule]) -> dict[str, Tensor]:
-    """`adapter_state_dict` of a model holding these adapters and saved modules at these paths (also before they
-    are swapped in, as the loaders need)."""
-    state: dict[str, Tensor] = {}
-    for path, adapter in layers.items():
-        for key, value in adapter.state_dict().items():
-            if not key.startswith("base."):
-                state[f"{path}.{key}"] = value
-    for key, bank in sorted(shared_modules_of(layers.values()).items()):
-        for name, value in bank.state_dict().items():
-            state[f"{BANKS_ATTR}.{key}.{name}"] = value
-    for path, module in saved.items():
-        for key, value in module.module.state_dict().items():
-            state[f"{path}.module.{key}"] = value
-    return state
-
-
-def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Load adapter state (as `adapter_state_dict` gives it); keys and shapes must match exactly.
-
-    Raises:
-        ValueError: missing or unexpected keys, or a shape mismatch (all are named); nothing is loaded then.
-    """
-    own = adapter_state_dict(model)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "adapter state does not fit the model: "
-            f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-            f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}, "
-            f"shape mismatches {wrong[:10]}"
-        )
-    layers = [a for _, a in adapters(model)]
-    for adapter in layers:
-        adapter.before_load_()
-    with torch.no_grad():
-        for key, value in own.items():
-            value.copy_(state[key])
-    for adapter in layers:
-        adapter.after_load_()

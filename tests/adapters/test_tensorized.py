@@ -12,25 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import loraredux as lx
-from tiny_models import tiny_llama
+from tiny_models import logits, randomize, tiny_llama, token_ids
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=ids()).logits
-
-
-@torch.no_grad()
-def randomize(params, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def stacked(method: str, bank) -> torch.Tensor:
@@ -100,7 +84,7 @@ def test_gradients_reach_every_factor_and_the_start_is_w0(method):
     fresh = lx.adapt_(tiny_llama(), lx.config(method, rank=3), TARGETS)
     torch.testing.assert_close(logits(fresh), logits(tiny_llama()), rtol=0, atol=0)
     model = adapted(method)
-    model(input_ids=ids()).logits.square().sum().backward()
+    model(input_ids=token_ids()).logits.square().sum().backward()
     for name, p in lx.trainable_parameters(model).items():
         assert p.grad is not None and p.grad.abs().max() > 0, name
 
@@ -180,7 +164,7 @@ def test_tensor_train_counts_and_storage(tmp_path: Path):
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
     fresh = lx.adapt_(tiny_llama(), config, TARGETS)  # the layer core starts at zero: W' = W0
     torch.testing.assert_close(logits(fresh), logits(tiny_llama()), rtol=0, atol=0)
-    fresh(input_ids=ids()).logits.square().sum().backward()
+    fresh(input_ids=token_ids()).logits.square().sum().backward()
     grads = {n: p.grad for n, p in lx.trainable_parameters(fresh).items()}
     assert all(g is not None for g in grads.values())
     assert all(

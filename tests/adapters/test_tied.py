@@ -11,28 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 import loraredux as lx
-from tiny_models import tiny_bert, tiny_llama
+from tiny_models import logits, randomize, tiny_bert, tiny_llama, token_ids
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # tiny_llama: hidden 16, 4 heads, 2 KV heads (k, v: 16 -> 8), MLP 32, two layers
 SHAPE_GROUPS = {"16x16": ["q_proj", "o_proj"], "8x16": ["k_proj", "v_proj"],
                 "32x16": ["gate_proj", "up_proj"], "16x32": ["down_proj"]}  # fmt: skip
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=ids()).logits
-
-
-@torch.no_grad()
-def randomize(params, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 @pytest.mark.parametrize("method", ["tied_lora", "lotr"])
@@ -98,7 +82,7 @@ def test_trainable_parameters_are_the_papers_count(method, per_layer):
 def test_gradients_reach_the_shared_and_the_per_layer_parts(method):
     model = lx.adapt_(tiny_llama(), lx.config(method, rank=3), LLAMA_TARGETS)
     randomize(lx.trainable_parameters(model).values())
-    model(input_ids=ids()).logits.square().sum().backward()
+    model(input_ids=token_ids()).logits.square().sum().backward()
     trainable = lx.trainable_parameters(model)
     assert any(n.startswith("loraredux_banks.") for n in trainable)
     for name, p in trainable.items():

@@ -13,25 +13,9 @@ from safetensors.torch import load_file
 
 import loraredux as lx
 from loraredux.adapters import VeRA
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import logits, randomize, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def ids(vocab: int = 64) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(5))
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids()).logits
-
-
-@torch.no_grad()
-def randomize(params, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def test_each_layer_is_w0_plus_its_scaled_block_of_the_shared_pair():
@@ -67,7 +51,7 @@ def test_the_bank_is_stored_once_and_the_layers_train_only_their_vectors(tmp_pat
         a.out_features + 4 for a in layers.values()
     )
     randomize(trainable.values())
-    model(input_ids=ids()).logits.square().sum().backward()
+    model(input_ids=token_ids()).logits.square().sum().backward()
     for name, p in trainable.items():
         assert p.grad is not None and p.grad.abs().max() > 0, name
     assert not any(b.requires_grad for b in lx.banks(model)["vera"].buffers())
@@ -139,7 +123,7 @@ def test_same_draw_and_same_outputs_as_peft(make, targets):
             peft_layers[path].vera_lambda_b["default"].copy_(a.lambda_b)
             peft_layers[path].vera_lambda_d["default"].copy_(a.lambda_d)
     theirs.eval()
-    x = ids()
+    x = token_ids()
     with torch.no_grad():
         expected, got = theirs(input_ids=x), ours(input_ids=x)
     key = "logits"

@@ -5,24 +5,35 @@ and each adapter that uses it holds a plain reference (not a submodule) and its 
 model's parameters, `.to()`, `model.state_dict()` and `lx.adapter_state_dict` see each shared tensor once, however
 many layers use it; `lx.merge_` and `lx.unadapt_` remove the banks with the adapters.
 
-Layers of different shapes cannot share one (out, in) factor: `shape_groups` splits a plan by shape (attention
+Layers of different shapes cannot share one (out, in) factor: `group_layers` splits a plan by shape (attention
 against MLP, grouped-query attention's narrower K/V), and each group gets its own bank. VeRA instead keeps PEFT's
 one bank of the largest shape, sliced per layer, so that its files are PEFT's.
+
+The pieces every such method shares live here: `BankedAdapter` (the reference to the bank, `shared_modules`, the
+input dropout and the fast path's skeleton y = base(x) + s z B^T around the method's `low_rank(h) -> (z, B)`), and,
+for the methods with one bank per group, `GroupedBank` (the group's shape and each layer's place in it),
+`GroupedAdapter` and `GroupedConfig` (rank, alpha, dropout, group; `build_layers`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..bases import BaseView, view_of
+from ..core import Adapter, AdapterConfig, accumulate_
 
 __all__ = [
     "GROUPINGS",
     "Bank",
+    "BankedAdapter",
+    "GroupedAdapter",
+    "GroupedBank",
+    "GroupedConfig",
     "build_grouped",
     "check_one_config",
     "coordinates",
@@ -143,3 +154,123 @@ def build_grouped(
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{path}: {err}") from err
     return {path: built[path] for path in layers}  # in plan order
+
+
+class BankedAdapter(Adapter):
+    """An adapter computing with a bank: it holds the bank by reference (`use_bank`), reports it in
+    `shared_modules`, and adds s z B^T to the base's output, where `low_rank(h) -> (z (rows, r), B (out, r))` is the
+    method's own and h the (dropped-out) input rows. Subclasses say how to make a bank for a layer adapted on its
+    own (`own_bank`) and which banks fit it (`check_bank`), and set `scale` where it is not 1."""
+
+    scale: float = 1.0
+
+    def __init__(
+        self, base: nn.Module, config: AdapterConfig, bank: Bank | None = None, path: str = ""
+    ) -> None:
+        super().__init__(base, config)
+        if bank is None:  # a layer adapted on its own: a bank of its own
+            bank = self.own_bank(config, path)
+        self.check_bank(bank)
+        use_bank(self, bank)
+        dropout = getattr(config, "dropout", 0.0)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def own_bank(self, config: Any, path: str) -> Bank:
+        """The bank of this layer alone (`config.build(base)` without a group)."""
+        raise NotImplementedError
+
+    def check_bank(self, bank: Any) -> None:
+        """Raise ValueError, naming both, if `bank` cannot serve this layer."""
+
+    @property
+    def bank(self) -> Any:
+        return self._bank  # type: ignore[attr-defined]
+
+    def shared_modules(self) -> dict[str, nn.Module]:
+        return {self.bank.key: self.bank}
+
+    def low_rank(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(z (rows, r), B (out, r)) with the update's output s z B^T for input rows h (rows, in)."""
+        raise NotImplementedError
+
+    def adapted(self, x: Tensor) -> Tensor:
+        x, lead = self.flatten(x)
+        y = self.base(x)  # (rows, out), fresh
+        z, B = self.low_rank(x if self.dropout is None else self.dropout(x))
+        y = accumulate_(y, z, B, self.scale)  # y += s z B^T
+        return y.reshape(*lead, y.shape[-1])
+
+
+class GroupedBank(Bank):
+    """The bank of one group of same-shaped layers: its (out, in) shape, and each layer's place in the group's
+    stacked (out, in, layer, kind) tensor (`coordinates`). Subclasses add the method's shared tensors."""
+
+    def __init__(self, key: str, config: AdapterConfig, view: BaseView, paths: list[str]) -> None:
+        super().__init__(key)
+        self.shape = (view.out_features, view.in_features)
+        self.parents, self.kinds, self.place = coordinates(paths)
+        W0 = view.weight()
+        self.like = {"dtype": W0.dtype, "device": W0.device}  # for the subclass's tensors
+
+
+class GroupedAdapter(BankedAdapter):
+    """A layer of a group: its bank (one of its own when adapted alone), its (layer, kind) place, s = alpha / r."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        config: GroupedConfig,
+        bank: GroupedBank | None = None,
+        path: str = "",
+    ) -> None:
+        super().__init__(base, config, bank, path)
+        self.layer, self.kind = self.bank.place[path]
+        self.scale = config.alpha / config.rank
+
+    def own_bank(self, config: Any, path: str) -> Bank:
+        return config.bank_class(config.method, config, self.view, [path])
+
+    def check_bank(self, bank: Any) -> None:
+        if bank.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{self.config.method}: bank {bank.key!r} is for out={bank.shape[0]}, in={bank.shape[1]}, not "
+                f"this layer's out={self.out_features}, in={self.in_features}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedConfig(AdapterConfig):
+    """The fields and the building of the methods with one bank per group of layers.
+
+    Args:
+        rank: the method's rank.
+        alpha: the scale numerator: s = alpha / rank.
+        dropout: dropout on the adapter's input.
+        group: "shape" (one bank per (out, in) shape, its kinds a mode) or "kind" (per module name and shape).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    group: str = "shape"
+
+    bank_class: ClassVar[type[GroupedBank]]
+    base_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{self.method}: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.group not in GROUPINGS:
+            raise ValueError(f"{self.method}: group must be one of {GROUPINGS}, got {self.group!r}")
+
+    def build_layers(
+        self, layers: Mapping[str, tuple[nn.Module, AdapterConfig]]
+    ) -> dict[str, Adapter]:
+        return build_grouped(
+            self,
+            layers,
+            self.group,
+            lambda key, views, paths: self.bank_class(key, self, views[0], paths),
+            lambda module, bank, path: self.adapter(module, self, bank, path),  # type: ignore[call-arg]
+        )

@@ -21,7 +21,6 @@ orthonormal columns), so the first steps train L.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,10 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import BaseView
-from ..core import Adapter, AdapterConfig, accumulate_, initialising, register
-from .banks import GROUPINGS, Bank, build_grouped, coordinates, orthonormal_, use_bank
+from ..core import Adapter, AdapterConfig, initialising, register
+from .banks import GroupedAdapter, GroupedBank, GroupedConfig, orthonormal_
 
-__all__ = ["TensorTrain", "TensorTrainBank", "TensorTrainConfig", "balanced_factors", "tt_ranks"]
+__all__ = [
+    "TensorTrain",
+    "TensorTrainBank",
+    "TensorTrainConfig",
+    "balanced_factors",
+    "train_modes",
+    "tt_ranks",
+]
 
 
 def balanced_factors(n: int, count: int) -> list[int]:
@@ -45,6 +51,11 @@ def balanced_factors(n: int, count: int) -> list[int]:
     return [first, *balanced_factors(n // first, count - 1)]
 
 
+def train_modes(out: int, inp: int, layers: int, kinds: int, factors: int) -> list[int]:
+    """The train's mode sizes: out's balanced factors, the layers, the kinds, in's balanced factors."""
+    return [*balanced_factors(out, factors), layers, kinds, *balanced_factors(inp, factors)]
+
+
 def tt_ranks(sizes: list[int], rank: int) -> list[int]:
     """The bond ranks r_0 .. r_d of a train over modes of these sizes: 1 at the ends, inside min(rank, the product
     of the sizes on the left, the product on the right)."""
@@ -55,22 +66,18 @@ def tt_ranks(sizes: list[int], rank: int) -> list[int]:
     return [1, *inner, 1]
 
 
-class TensorTrainBank(Bank):
+class TensorTrainBank(GroupedBank):
     """The cores of one group's train: `out_cores`, then `layer_core` and `kind_core`, then `in_cores`."""
 
-    def __init__(
-        self, key: str, config: TensorTrainConfig, view: BaseView, paths: list[str]
-    ) -> None:
-        super().__init__(key)
-        self.parents, self.kinds, self.place = coordinates(paths)
-        out_sizes = balanced_factors(view.out_features, config.factors)
-        in_sizes = balanced_factors(view.in_features, config.factors)
-        self.sizes = [*out_sizes, len(self.parents), len(self.kinds), *in_sizes]
+    def __init__(self, key: str, config: AdapterConfig, view: BaseView, paths: list[str]) -> None:
+        super().__init__(key, config, view, paths)
+        out, inp = self.shape
+        self.sizes = train_modes(out, inp, len(self.parents), len(self.kinds), config.factors)
         ranks = tt_ranks(self.sizes, config.rank)
-        W0 = view.weight()
-        kw = {"dtype": W0.dtype, "device": W0.device}
-        cores = [torch.empty(ranks[j], n, ranks[j + 1], **kw) for j, n in enumerate(self.sizes)]
-        p = len(out_sizes)
+        cores = [
+            torch.empty(ranks[j], n, ranks[j + 1], **self.like) for j, n in enumerate(self.sizes)
+        ]
+        p = len(balanced_factors(out, config.factors))
         self.out_cores = nn.ParameterList(cores[:p])
         self.layer_core = nn.Parameter(cores[p].zero_())
         self.kind_core = nn.Parameter(cores[p + 1])
@@ -106,37 +113,8 @@ class TensorTrainBank(Bank):
         return f"{super().extra_repr()}, modes {self.sizes}"
 
 
-class TensorTrain(Adapter):
+class TensorTrain(GroupedAdapter):
     """y = base(x) + s ((dropout(x) I^T) M_lk^T) O^T."""
-
-    def __init__(
-        self,
-        base: nn.Module,
-        config: TensorTrainConfig,
-        bank: TensorTrainBank | None = None,
-        path: str = "",
-    ) -> None:
-        super().__init__(base, config)
-        if bank is None:  # a layer adapted on its own: a train of one layer and one kind
-            bank = TensorTrainBank(config.method, config, self.view, [path])
-        out = math.prod(c.shape[1] for c in bank.out_cores)
-        inp = math.prod(c.shape[1] for c in bank.in_cores)
-        if (out, inp) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"tensor_train: the bank's train is for out={out}, in={inp}, not this layer's "
-                f"out={self.out_features}, in={self.in_features}"
-            )
-        use_bank(self, bank)
-        self.layer, self.kind = bank.place[path]
-        self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-
-    @property
-    def bank(self) -> TensorTrainBank:
-        return self._bank  # type: ignore[attr-defined,no-any-return]
-
-    def shared_modules(self) -> dict[str, nn.Module]:
-        return {self.bank.key: self.bank}
 
     def effective_weight(self) -> Tensor:
         bank = self.bank
@@ -147,49 +125,35 @@ class TensorTrain(Adapter):
         bank = self.bank
         return bank.input_map(), bank.output_map() @ bank.middle(self.layer, self.kind), self.scale
 
-    def adapted(self, x: Tensor) -> Tensor:
-        x, lead = self.flatten(x)
-        y = self.base(x)  # (rows, out), fresh
-        h = x if self.dropout is None else self.dropout(x)
+    def low_rank(self, h: Tensor) -> tuple[Tensor, Tensor]:
         bank = self.bank
         z = (
             self.view.project(h, bank.input_map()) @ bank.middle(self.layer, self.kind).T
         )  # (rows, r_o)
-        y = accumulate_(y, z, bank.output_map(), self.scale)
-        return y.reshape(*lead, y.shape[-1])
+        return z, bank.output_map()
 
 
 @register("tensor_train")
 @dataclass(frozen=True)
-class TensorTrainConfig(AdapterConfig):
+class TensorTrainConfig(GroupedConfig):
     """Tensor-train adaptation's hyper-parameters.
 
     Args:
-        rank: the train's bond rank (capped inside by the mode sizes, `tt_ranks`).
+        rank: the train's bond rank (capped inside by the mode sizes, `tt_ranks`); alpha, dropout and group as
+            every grouped method (s = alpha / rank; "shape": one train per (out, in) shape, its kinds a mode,
+            "kind": one per module name and shape, the kind mode of size 1).
         factors: how many balanced factors out and in are each split into (1: not tensorized).
-        alpha: the scale numerator: s = alpha / rank.
-        dropout: dropout on the adapter's input.
-        group: "shape" (one train per (out, in) shape, its kinds a mode) or "kind" (one per module name and
-            shape: the kind mode has size 1).
     """
 
-    rank: int = 8
     factors: int = 2
-    alpha: float = 8.0
-    dropout: float = 0.0
-    group: str = "shape"
 
     adapter: ClassVar[type[Adapter]] = TensorTrain
-    base_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    bank_class: ClassVar[type[GroupedBank]] = TensorTrainBank
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.factors, bool) or not isinstance(self.factors, int) or self.factors < 1:
             raise ValueError(f"tensor_train: factors must be an integer >= 1, got {self.factors!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"tensor_train: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.group not in GROUPINGS:
-            raise ValueError(f"tensor_train: group must be one of {GROUPINGS}, got {self.group!r}")
 
     def check_shape(self, in_features: int, out_features: int) -> None:
         """Any shape: the bond ranks are capped by the mode sizes."""
@@ -202,22 +166,6 @@ class TensorTrainConfig(AdapterConfig):
         self, in_features: int, out_features: int, layers: int, kinds: int
     ) -> int:
         """The trainable parameters of one train: the sum of r_{j-1} n_j r_j over its modes."""
-        sizes = [
-            *balanced_factors(out_features, self.factors),
-            layers,
-            kinds,
-            *balanced_factors(in_features, self.factors),
-        ]
+        sizes = train_modes(out_features, in_features, layers, kinds, self.factors)
         ranks = tt_ranks(sizes, self.rank)
         return sum(ranks[j] * n * ranks[j + 1] for j, n in enumerate(sizes))
-
-    def build_layers(
-        self, layers: Mapping[str, tuple[nn.Module, AdapterConfig]]
-    ) -> dict[str, Adapter]:
-        return build_grouped(
-            self,
-            layers,
-            self.group,
-            lambda key, views, paths: TensorTrainBank(key, self, views[0], paths),
-            lambda module, bank, path: TensorTrain(module, self, bank, path),  # type: ignore[arg-type]
-        )

@@ -15,7 +15,6 @@ with orthonormal columns (QR of Gaussian draws from torch's RNG).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,28 +22,26 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import BaseView
-from ..core import Adapter, AdapterConfig, accumulate_, initialising, register
-from .banks import GROUPINGS, Bank, build_grouped, coordinates, orthonormal_, use_bank
+from ..core import Adapter, AdapterConfig, initialising, register
+from .banks import GroupedAdapter, GroupedBank, GroupedConfig, orthonormal_
 
 __all__ = ["Tucker", "TuckerBank", "TuckerConfig"]
 
 
-class TuckerBank(Bank):
+class TuckerBank(GroupedBank):
     """The core and the four factors of one group, and the group's layer and kind lists."""
 
-    def __init__(self, key: str, config: TuckerConfig, view: BaseView, paths: list[str]) -> None:
-        super().__init__(key)
-        self.parents, self.kinds, self.place = coordinates(paths)
+    def __init__(self, key: str, config: AdapterConfig, view: BaseView, paths: list[str]) -> None:
+        super().__init__(key, config, view, paths)
+        out, inp = self.shape
         r = config.rank
         r_layer = min(config.layer_rank, len(self.parents))
         r_kind = min(config.kind_rank, len(self.kinds))
-        W0 = view.weight()
-        kw = {"dtype": W0.dtype, "device": W0.device}
-        self.U_out = nn.Parameter(torch.empty(view.out_features, r, **kw))
-        self.U_in = nn.Parameter(torch.empty(view.in_features, r, **kw))
-        self.U_layer = nn.Parameter(torch.empty(len(self.parents), r_layer, **kw))
-        self.U_kind = nn.Parameter(torch.empty(len(self.kinds), r_kind, **kw))
-        self.G = nn.Parameter(torch.zeros(r, r, r_layer, r_kind, **kw))
+        self.U_out = nn.Parameter(torch.empty(out, r, **self.like))
+        self.U_in = nn.Parameter(torch.empty(inp, r, **self.like))
+        self.U_layer = nn.Parameter(torch.empty(len(self.parents), r_layer, **self.like))
+        self.U_kind = nn.Parameter(torch.empty(len(self.kinds), r_kind, **self.like))
+        self.G = nn.Parameter(torch.zeros(r, r, r_layer, r_kind, **self.like))
         if initialising():
             for factor in (self.U_out, self.U_in, self.U_layer, self.U_kind):
                 orthonormal_(factor)
@@ -61,31 +58,8 @@ class TuckerBank(Bank):
         )
 
 
-class Tucker(Adapter):
+class Tucker(GroupedAdapter):
     """y = base(x) + s ((dropout(x) U_in) M_lk^T) U_out^T."""
-
-    def __init__(
-        self, base: nn.Module, config: TuckerConfig, bank: TuckerBank | None = None, path: str = ""
-    ) -> None:
-        super().__init__(base, config)
-        if bank is None:  # a layer adapted on its own: a bank of one layer and one kind
-            bank = TuckerBank(config.method, config, self.view, [path])
-        if bank.U_out.shape[0] != self.out_features or bank.U_in.shape[0] != self.in_features:
-            raise ValueError(
-                f"tucker: the bank (U_out {tuple(bank.U_out.shape)}, U_in {tuple(bank.U_in.shape)}) does not "
-                f"fit a layer of out={self.out_features}, in={self.in_features}"
-            )
-        use_bank(self, bank)
-        self.layer, self.kind = bank.place[path]
-        self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-
-    @property
-    def bank(self) -> TuckerBank:
-        return self._bank  # type: ignore[attr-defined,no-any-return]
-
-    def shared_modules(self) -> dict[str, nn.Module]:
-        return {self.bank.key: self.bank}
 
     def effective_weight(self) -> Tensor:
         M = self.bank.core(self.layer, self.kind)
@@ -95,41 +69,29 @@ class Tucker(Adapter):
         M = self.bank.core(self.layer, self.kind)
         return self.bank.U_in.T, self.bank.U_out @ M, self.scale  # A = U_in^T, B = U_out M_lk
 
-    def adapted(self, x: Tensor) -> Tensor:
-        x, lead = self.flatten(x)
-        y = self.base(x)  # (rows, out), fresh
-        h = x if self.dropout is None else self.dropout(x)
-        z = (
-            self.view.project(h, self.bank.U_in.T) @ self.bank.core(self.layer, self.kind).T
-        )  # (rows, r)
-        y = accumulate_(y, z, self.bank.U_out, self.scale)
-        return y.reshape(*lead, y.shape[-1])
+    def low_rank(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.view.project(h, self.bank.U_in.T) @ self.bank.core(self.layer, self.kind).T
+        return z, self.bank.U_out
 
 
 @register("tucker")
 @dataclass(frozen=True)
-class TuckerConfig(AdapterConfig):
+class TuckerConfig(GroupedConfig):
     """Tucker adaptation's hyper-parameters: a rank per mode.
 
     Args:
-        rank: r, the Tucker rank of the output and input modes.
+        rank: r, the Tucker rank of the output and input modes (and alpha, dropout, group as every grouped
+            method: s = alpha / r; "shape" makes one tensor per (out, in) shape, its kinds a mode, "kind" one per
+            module name and shape, the kind mode of size 1).
         layer_rank: the rank of the layer mode (at most the number of layers in a group).
         kind_rank: the rank of the matrix-kind mode (at most the number of kinds in a group).
-        alpha: the scale numerator: s = alpha / r.
-        dropout: dropout on the adapter's input.
-        group: "shape" (one tensor per (out, in) shape, its kinds a mode) or "kind" (one per module name and
-            shape: the kind mode has size 1).
     """
 
-    rank: int = 8
     layer_rank: int = 4
     kind_rank: int = 2
-    alpha: float = 8.0
-    dropout: float = 0.0
-    group: str = "shape"
 
     adapter: ClassVar[type[Adapter]] = Tucker
-    base_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    bank_class: ClassVar[type[GroupedBank]] = TuckerBank
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,10 +99,6 @@ class TuckerConfig(AdapterConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"tucker: {name} must be an integer >= 1, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"tucker: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.group not in GROUPINGS:
-            raise ValueError(f"tucker: group must be one of {GROUPINGS}, got {self.group!r}")
 
     def parameter_count(self, in_features: int, out_features: int) -> int:
         """Per layer: none, the core and every factor are shared (`bank_parameter_count`)."""
@@ -157,15 +115,4 @@ class TuckerConfig(AdapterConfig):
             + r_layer * layers
             + r_kind * kinds
             + r * r * r_layer * r_kind
-        )
-
-    def build_layers(
-        self, layers: Mapping[str, tuple[nn.Module, AdapterConfig]]
-    ) -> dict[str, Adapter]:
-        return build_grouped(
-            self,
-            layers,
-            self.group,
-            lambda key, views, paths: TuckerBank(key, self, views[0], paths),
-            lambda module, bank, path: Tucker(module, self, bank, path),  # type: ignore[arg-type]
         )

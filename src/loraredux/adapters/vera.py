@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import view_of
-from ..core import Adapter, AdapterConfig, accumulate_, initialising, register
-from .banks import Bank, use_bank
+from ..core import Adapter, AdapterConfig, initialising, register
+from .banks import Bank, BankedAdapter
 
 __all__ = ["VeRA", "VeRABank", "VeRAConfig", "kaiming_uniform"]
 
@@ -115,33 +115,29 @@ class VeRABank(Bank):
         )
 
 
-class VeRA(Adapter):
+class VeRA(BankedAdapter):
     """y = base(x) + ((dropout(x) A_l^T) * d) (B_l * b[:, None])^T."""
 
     def __init__(self, base: nn.Module, config: VeRAConfig, bank: VeRABank | None = None) -> None:
-        super().__init__(base, config)
-        if bank is None:  # a layer adapted on its own: a bank of its shape
-            bank = VeRABank.for_layers(config, [base])
-        out, inp, r = self.out_features, self.in_features, config.rank
+        super().__init__(base, config, bank)
+        W0 = self.base_weight()
+        self.lambda_b = nn.Parameter(
+            torch.zeros(self.out_features, dtype=W0.dtype, device=W0.device)
+        )
+        self.lambda_d = nn.Parameter(
+            torch.full((config.rank,), config.d_initial, dtype=W0.dtype, device=W0.device)
+        )
+
+    def own_bank(self, config: Any, path: str) -> VeRABank:
+        return VeRABank.for_layers(config, [self.base])  # a bank of this layer's shape
+
+    def check_bank(self, bank: Any) -> None:
+        out, inp, r = self.out_features, self.in_features, self.config.rank
         if bank.A.shape[0] != r or bank.A.shape[1] < inp or bank.B.shape[0] < out:
             raise ValueError(
                 f"vera: the bank (A {tuple(bank.A.shape)}, B {tuple(bank.B.shape)}) does not cover a rank-{r} "
                 f"layer of out={out}, in={inp}"
             )
-        use_bank(self, bank)
-        W0 = self.base_weight()
-        self.lambda_b = nn.Parameter(torch.zeros(out, dtype=W0.dtype, device=W0.device))
-        self.lambda_d = nn.Parameter(
-            torch.full((r,), config.d_initial, dtype=W0.dtype, device=W0.device)
-        )
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-
-    @property
-    def bank(self) -> VeRABank:
-        return self._bank  # type: ignore[attr-defined,no-any-return]
-
-    def shared_modules(self) -> dict[str, nn.Module]:
-        return {self.bank.key: self.bank}
 
     def projections(self) -> tuple[Tensor, Tensor]:
         """(A_l (r, in), B_l (out, r)): this layer's blocks of the shared matrices."""
@@ -156,14 +152,11 @@ class VeRA(Adapter):
         A, B = self.projections()
         return self.lambda_d[:, None] * A, self.lambda_b[:, None] * B, 1.0
 
-    def adapted(self, x: Tensor) -> Tensor:
-        x, lead = self.flatten(x)
-        y = self.base(x)  # (rows, out), fresh
-        h = x if self.dropout is None else self.dropout(x)
+    def low_rank(self, h: Tensor) -> tuple[Tensor, Tensor]:
         A, B = self.projections()
-        z = self.view.project(h, A) * self.lambda_d  # (rows, r)
-        y = accumulate_(y, z, B * self.lambda_b[:, None])  # y += z (Λ_b B)^T
-        return y.reshape(*lead, y.shape[-1])
+        return self.view.project(h, A) * self.lambda_d, B * self.lambda_b[
+            :, None
+        ]  # y += z (Λ_b B)^T
 
     # -- PEFT format -----------------------------------------------------------------------------------
     def peft_tensors(self) -> dict[str, Tensor]:

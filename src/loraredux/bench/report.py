@@ -225,11 +225,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
     Raises:
         ValueError: a suite without a primary metric in PRIMARY.
     """
-    by_config: dict[tuple[str, ...], dict[float, list[Run]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    for run in sorted(runs, key=lambda r: (_config(r), r.trial.lr, r.trial.seed)):
-        by_config[_config(run)][run.trial.lr].append(run)
+    by_config = _groups(runs)
     suites = sorted({c[0] for c in by_config})
     parts = ["# Benchmark report", "", f"Rendered from {STORE_NAME}: {len(runs)} runs."]
     for suite in suites:

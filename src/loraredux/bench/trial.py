@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPEC_KEYS", "Trial", "expand", "load_spec"]
+__all__ = ["SPEC_KEYS", "Trial", "expand", "load_spec", "problem_options"]
 
 # spec key -> (required, what it holds)
 SPEC_KEYS: dict[str, tuple[bool, str]] = {
@@ -226,3 +226,17 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a valid JSON spec: {err}") from None
+
+
+def problem_options(trial: Trial, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The problem's defaults updated with the trial's problem options.
+
+    Raises:
+        ValueError: an option the problem does not have (naming it and the known ones).
+    """
+    unknown = sorted(set(trial.problem_options) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"{trial.problem}: unknown option(s) {unknown}; the options are {sorted(defaults)}"
+        )
+    return {**defaults, **trial.problem_options}

@@ -30,7 +30,7 @@ import loraredux as lx
 from ...tasks import adapt_for_task, build_task
 from ...train import TrainConfig, fit
 from ..runner import Outcome
-from ..trial import Trial
+from ..trial import Trial, problem_options
 
 __all__ = ["CLASSIFY_DEFAULTS", "LM_DEFAULTS", "kjv", "rotten_tomatoes"]
 
@@ -61,12 +61,7 @@ LM_DEFAULTS: dict[str, Any] = {
 
 
 def _options(trial: Trial, defaults: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(trial.problem_options) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"{trial.problem}: unknown option(s) {unknown}; the options are {sorted(defaults)}"
-        )
-    o = {**defaults, **trial.problem_options}
+    o = problem_options(trial, defaults)
     if not (isinstance(o["warmup"], (int, float)) and 0 <= o["warmup"] <= 1):
         raise ValueError(
             f"{trial.problem}: warmup is a fraction of the steps in [0, 1], got {o['warmup']!r}"

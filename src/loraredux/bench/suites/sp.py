@@ -28,7 +28,7 @@ from torch import nn
 import loraredux as lx
 
 from ..runner import Outcome
-from ..trial import Trial
+from ..trial import Trial, problem_options
 
 __all__ = [
     "SENSING_DEFAULTS",
@@ -77,12 +77,7 @@ def sensing(trial: Trial) -> Outcome:
         ValueError: an unknown problem option (naming it and the known ones).
         FloatingPointError: the loss became non-finite.
     """
-    unknown = sorted(set(trial.problem_options) - set(SENSING_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"sensing: unknown option(s) {unknown}; the options are {sorted(SENSING_DEFAULTS)}"
-        )
-    o = {**SENSING_DEFAULTS, **trial.problem_options}
+    o = problem_options(trial, SENSING_DEFAULTS)
     gen = torch.Generator().manual_seed(trial.seed)
     out, inp, k = int(o["out"]), int(o["in"]), int(o["true_rank"])
     truth = planted_update(out, inp, k, float(o["kappa"]), gen)  # (out, in)
@@ -162,12 +157,7 @@ def teacher(trial: Trial) -> Outcome:
         ValueError: an unknown or bad problem option.
         FloatingPointError: the loss became non-finite.
     """
-    unknown = sorted(set(trial.problem_options) - set(TEACHER_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"teacher: unknown option(s) {unknown}; the options are {sorted(TEACHER_DEFAULTS)}"
-        )
-    o = {**TEACHER_DEFAULTS, **trial.problem_options}
+    o = problem_options(trial, TEACHER_DEFAULTS)
     if o["subspace"] not in SUBSPACES or o["spectrum"] not in SPECTRA:
         raise ValueError(
             f"teacher: subspace must be one of {SUBSPACES} and spectrum one of {SPECTRA}, got "
