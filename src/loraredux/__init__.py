@@ -2,10 +2,12 @@
 
 import loraredux as lx
 lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj"])
+rec = lx.advise(model, batches, loss_fn)     # measured rank per layer, init, optimizer, method, base format
 """
 
 from . import assets, init, optim, train
 from .adapters import LoRA, LoRAConfig
+from .advisor import Recommendation, advise
 from .core import (
     Adapter,
     AdapterConfig,
@@ -36,11 +38,13 @@ __all__ = [
     "AdapterConfig",
     "LoRA",
     "LoRAConfig",
+    "Recommendation",
     "SavedModule",
     "__version__",
     "adapt_",
     "adapter_state_dict",
     "adapters",
+    "advise",
     "assets",
     "available_methods",
     "banks",

@@ -310,11 +310,14 @@ def adapt_for_task(
     exclude: Any = None,
     calibration_batches: int = 8,
     progress: bool = True,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> Any:
     """`lx.adapt_` for a training run on `task`: the task's default targets unless given, its head in
     `modules_to_save`, the first `calibration_batches` training batches and the task's loss for a data-aware
     initialiser (LoRA-GA, EVA, CorDA, ...), and a method's run-length field (AdaLoRA's `total_step`) set to
-    `steps` where the config leaves it None. Returns the config actually applied.
+    `steps` where the config leaves it None; `rank_pattern` / `alpha_pattern` as `lx.adapt_` takes them. Returns
+    the config actually applied.
     """
     import dataclasses
 
@@ -337,6 +340,8 @@ def adapt_for_task(
         targets=targets or task.default_targets,
         exclude=exclude,
         modules_to_save=task.modules_to_save,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         **extra,
     )
     return config

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from ..io.files import write_text_atomic
 from .store import Run, Store
 
-__all__ = ["PRIMARY", "plot_suite", "render", "write_report"]
+__all__ = ["PRIMARY", "best_of_sweep", "plot_suite", "render", "sweep_means", "write_report"]
 
 
 class Primary(NamedTuple):
@@ -95,6 +95,29 @@ def _groups(runs: list[Run]) -> dict[tuple[str, ...], dict[float, list[Run]]]:
     for run in sorted(runs, key=lambda r: (_config(r), r.trial.lr, r.trial.seed)):
         by_config[_config(run)][run.trial.lr].append(run)
     return by_config
+
+
+def sweep_means(by_lr: dict[float, list[Run]], metric: str) -> dict[float, float]:
+    """{lr: the metric's mean over seeds} for one configuration, at the learning rates where no run failed."""
+    means = {}
+    for lr, group in by_lr.items():
+        ok = [x for r in group if r.status == "ok" and (x := r.metrics.get(metric)) is not None]
+        if ok and not any(r.status == "failed" for r in group):
+            means[lr] = statistics.fmean(ok)
+    return means
+
+
+def best_of_sweep(runs: list[Run]) -> dict[tuple[str, ...], tuple[float, float]]:
+    """{configuration: (best lr, mean of the suite's primary metric over seeds there)}, as the report's
+    best-of-sweep table has them; a configuration is (suite, problem, method, init, optimizer, rank) as strings."""
+    best = {}
+    for c, by_lr in _groups(runs).items():
+        metric, goal = PRIMARY[c[0]][:2]
+        means = sweep_means(by_lr, metric)
+        if means:
+            lr = (min if goal == "min" else max)(means, key=means.__getitem__)
+            best[c] = (lr, means[lr])
+    return best
 
 
 def _ok_values(group: list[Run], metric: str) -> list[float] | None:
@@ -241,15 +264,11 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
         lrs = sorted({lr for c in configs for lr in by_config[c]})
         best_rows, sens_rows = [], []
         for c in configs:
-            means: dict[float, float] = {}
+            means = sweep_means(by_config[c], metric)
             cells = []
             for lr in lrs:
-                group = by_config[c].get(lr, [])
-                ok = [r.metrics.get(metric) for r in group if r.status == "ok"]
-                ok = [x for x in ok if x is not None]
-                failed = sum(r.status == "failed" for r in group)
-                if ok and not failed:
-                    means[lr] = statistics.fmean(ok)
+                failed = sum(r.status == "failed" for r in by_config[c].get(lr, []))
+                if lr in means:
                     cells.append(_fmt(means[lr]))
                 else:
                     cells.append(f"failed ({failed})" if failed else "-")

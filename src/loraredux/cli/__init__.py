@@ -1,7 +1,7 @@
-"""`loraredux`: fine-tune, inspect and merge adapters from the command line. Uses only the public API.
+"""`loraredux`: advise, fine-tune, inspect and merge adapters from the command line. Uses only the public API.
 
-One module per subcommand family: `train.py` (train), `adapters.py` (inspect, merge, methods); `common.py` holds the
-usage error and argument types they share.
+One module per subcommand family: `advise.py` (advise), `train.py` (train), `adapters.py` (inspect, merge,
+methods), `bench.py` (bench); `common.py` holds the usage error and argument types they share.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import sys
 
 from .adapters import add_adapter_commands
+from .advise import add_advise
 from .bench import add_bench
 from .common import UsageError
 from .train import add_train
@@ -19,6 +20,8 @@ from .train import add_train
 __all__ = ["UsageError", "build_parser", "main"]
 
 EPILOG = """examples:
+  loraredux advise --out runs/advise               # measure MiniLM on Rotten Tomatoes, recommend a configuration
+  loraredux advise --model smollm2 --budget 24GiB --verify --out runs/advise-lm
   loraredux train --out runs/demo                  # MiniLM on Rotten Tomatoes, LoRA r=8, a few minutes
   loraredux train --model smollm2 --data kjv --steps 40 --out runs/kjv
   loraredux train --method dora --rank 4 --out runs/dora
@@ -30,12 +33,14 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraredux",
-        description="Low-rank adaptation read through signal processing: fine-tune, inspect and merge adapters.",
+        description="Low-rank adaptation read through signal processing: advise, fine-tune, inspect and "
+        "merge adapters.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_advise(sub)
     add_train(sub)
     add_adapter_commands(sub)
     add_bench(sub)

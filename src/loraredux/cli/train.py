@@ -90,9 +90,18 @@ def add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--optimizer",
-        default="adamw",
+        default=None,
         help="optimizer over the adapter parameters (loraredux.optim.available(): adamw, loraplus, "
-        "scaled_sgd, scaled_adamw, ...); its options with --optimizer-option",
+        "scaled_sgd, scaled_adamw, ...); its options with --optimizer-option (default adamw, or the "
+        "recommendation's)",
+    )
+    p.add_argument(
+        "--recommendation",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="apply `loraredux advise`'s recommendation.json (or the folder holding it): its method config, "
+        "targets, per-layer ranks and optimizer; --targets and --optimizer still override",
     )
     p.add_argument(
         "--optimizer-option",
@@ -197,6 +206,38 @@ def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _recommendation(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, str | None]:
+    """(config, {rank_pattern, alpha_pattern}, targets, optimizer) from `loraredux advise`'s recommendation.json;
+    flags that would set the method's fields as well are refused."""
+    import json
+
+    import loraredux as lx
+
+    path = args.recommendation
+    if path.is_dir():
+        path = path / "recommendation.json"
+    if not path.is_file():
+        raise UsageError(
+            f"--recommendation: {path} is not a file (expected recommendation.json or its folder)"
+        )
+    clash = [f"--{k}" for k in ("rank", "alpha", "dropout", "init") if getattr(args, k) is not None]
+    clash += ["--rslora"] * bool(args.rslora) + ["--field"] * bool(args.field)
+    clash += ["--init-option"] * bool(args.init_option) + ["--method"] * (args.method != "lora")
+    if clash:
+        raise UsageError(
+            f"--recommendation sets the method and its fields; drop {', '.join(clash)} (or edit the file)"
+        )
+    try:
+        rec = json.loads(path.read_text())
+        cfg = lx.config_from_dict(rec["config"])
+        adapt = rec["adapt"]
+        optimizer = (rec.get("choices", {}).get("optimizer") or {}).get("value")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"--recommendation: {path} is not a recommendation.json ({err})") from None
+    patterns = {k: adapt[k] for k in ("rank_pattern", "alpha_pattern") if adapt.get(k)}
+    return cfg, patterns, adapt.get("targets"), optimizer
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -207,7 +248,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
-    cfg = lx.config(args.method, **_method_fields(args))  # a bad value fails before any loading
+    advice = _recommendation(args) if args.recommendation is not None else None
+    if advice is not None:
+        cfg, patterns, advised_targets, advised_optimizer = advice
+        args.method = cfg.method
+        args.targets = args.targets or advised_targets
+        args.optimizer = args.optimizer or advised_optimizer
+    else:
+        cfg = lx.config(args.method, **_method_fields(args))  # a bad value fails before any loading
+        patterns = {}
+    args.optimizer = args.optimizer or "adamw"
     if args.optimizer not in lx.optim.available():
         raise UsageError(
             f"unknown --optimizer {args.optimizer!r}; choose from {lx.optim.available()}"
@@ -233,6 +283,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         calibration_batches=args.calibration_batches,
         progress=not args.no_progress,
+        **patterns,
     )
 
     print(f"model {args.model}, data {data}: {task.train_size} training examples")
@@ -241,8 +292,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{task.metric} before: {before[task.metric]:.4f}")
     n_train = sum(p.numel() for p in lx.trainable_parameters(model).values())
     n_total = sum(p.numel() for p in model.parameters())
+    ranks = f"r={getattr(cfg, 'rank', '-')}"
+    if patterns.get("rank_pattern"):
+        ranks += f" ({len(patterns['rank_pattern'])} layers with their own rank)"
     print(
-        f"{args.method} r={getattr(cfg, 'rank', '-')} on {len(list(lx.adapters(model)))} layers: "
+        f"{args.method} {ranks} on {len(list(lx.adapters(model)))} layers: "
         f"{n_train:,} trainable of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)"
     )
 
@@ -284,6 +338,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "optimizer_options": options,
             "config": cfg.to_dict(),
             "targets": targets,
+            **patterns,
             "steps": steps,
             "lr": lr,
             "batch_size": batch_size,

@@ -115,14 +115,16 @@ def _umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` (UTF-8) to `path` through a temporary file in the same folder and a rename."""
+def write_text_atomic(path: str | os.PathLike[str], text: str | bytes) -> Path:
+    """Write `text` (a str as UTF-8, or bytes as they are) to `path` through a temporary file in the same folder
+    and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8") if isinstance(text, str) else text
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         # mkstemp makes 0600; a written file gets the usual permissions
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)

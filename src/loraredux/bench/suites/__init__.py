@@ -70,7 +70,13 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
             "lrs": [3e-3, 1e-2, 3e-2],
             "seeds": [0, 1, 2],
             "steps": 300,
-            "variants": [{}, {"inits": ["kaiming", "pissa"], "ranks": [1, 2, 4, 6]}],
+            # LoRA-One (a one-step start from the gradient, W' != W0) is what the advisor picks when the gradient
+            # is sharp but aligned with neither of W0's subspaces (issue 8).
+            "variants": [
+                {},
+                {"inits": ["kaiming", "pissa"], "ranks": [1, 2, 4, 6]},
+                {"inits": ["lora_one"]},
+            ],
         },
         "full": {
             "suite": "sp",

@@ -35,8 +35,10 @@ __all__ = [
     "TEACHER_DEFAULTS",
     "planted_update",
     "sensing",
+    "sensing_data",
     "subspace_angle",
     "teacher",
+    "teacher_data",
     "teacher_weights",
 ]
 
@@ -70,6 +72,23 @@ def subspace_angle(P: torch.Tensor, Q: torch.Tensor, rank: int) -> float:
     return math.degrees(math.acos(float(cosines.min())))
 
 
+def sensing_data(
+    o: dict[str, Any], seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sensing problem's W0 (out, in), planted update M* (out, in), measurement matrices X (m, out, in) and
+    measurements y (m,), drawn from `seed` (the options as `SENSING_DEFAULTS`)."""
+    gen = torch.Generator().manual_seed(seed)
+    out, inp, k = int(o["out"]), int(o["in"]), int(o["true_rank"])
+    truth = planted_update(out, inp, k, float(o["kappa"]), gen)  # (out, in)
+    m = int(o["oversample"]) * k * (out + inp)
+    X = torch.randn(m, out, inp, generator=gen, dtype=torch.float64)  # (m, out, in)
+    y = torch.einsum("moi,oi->m", X, truth) + float(o["noise"]) * torch.randn(
+        m, generator=gen, dtype=torch.float64
+    )
+    W0 = 0.3 * torch.randn(out, inp, generator=gen, dtype=torch.float64)  # (out, in)
+    return W0, truth, X, y
+
+
 def sensing(trial: Trial) -> Outcome:
     """One run of low-rank matrix sensing of the update (see the module docstring).
 
@@ -78,16 +97,7 @@ def sensing(trial: Trial) -> Outcome:
         FloatingPointError: the loss became non-finite.
     """
     o = problem_options(trial, SENSING_DEFAULTS)
-    gen = torch.Generator().manual_seed(trial.seed)
-    out, inp, k = int(o["out"]), int(o["in"]), int(o["true_rank"])
-    truth = planted_update(out, inp, k, float(o["kappa"]), gen)  # (out, in)
-    m = int(o["oversample"]) * k * (out + inp)
-    X = torch.randn(m, out, inp, generator=gen, dtype=torch.float64)  # (m, out, in)
-    y = torch.einsum("moi,oi->m", X, truth) + float(o["noise"]) * torch.randn(
-        m, generator=gen, dtype=torch.float64
-    )
-
-    W0 = 0.3 * torch.randn(out, inp, generator=gen, dtype=torch.float64)  # (out, in)
+    W0, truth, X, y = sensing_data(o, trial.seed)
 
     def loss_of(update: torch.Tensor) -> torch.Tensor:
         return ((torch.einsum("moi,oi->m", X, update) - y) ** 2).mean()
@@ -147,6 +157,19 @@ def teacher_weights(o: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tens
     return W0, U @ torch.diag(s) @ V.T
 
 
+def teacher_data(
+    o: dict[str, Any], seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A teacher problem's W0 (out, in), planted update (out, in), inputs x (n, in) and the residual target
+    x ΔW*^T + noise (n, out) that the update must explain, drawn from `seed` (the options as `TEACHER_DEFAULTS`)."""
+    gen = torch.Generator().manual_seed(seed)
+    W0, truth = teacher_weights(o, gen)
+    n = int(o["samples"])
+    x = torch.randn(n, W0.shape[1], generator=gen, dtype=torch.float64)  # (n, in)
+    noise = float(o["noise"]) * torch.randn(n, W0.shape[0], generator=gen, dtype=torch.float64)
+    return W0, truth, x, x @ truth.T + noise
+
+
 def teacher(trial: Trial) -> Outcome:
     """Teacher-student adaptation: the student Linear(W0) is adapted to a teacher W0 + Delta W* from n Gaussian
     inputs x and targets (W0 + Delta W*) x + noise e (mean squared error); Delta W* is planted in W0's principal,
@@ -163,12 +186,7 @@ def teacher(trial: Trial) -> Outcome:
             f"teacher: subspace must be one of {SUBSPACES} and spectrum one of {SPECTRA}, got "
             f"{o['subspace']!r} and {o['spectrum']!r}"
         )
-    gen = torch.Generator().manual_seed(trial.seed)
-    W0, truth = teacher_weights(o, gen)
-    n = int(o["samples"])
-    x = torch.randn(n, W0.shape[1], generator=gen, dtype=torch.float64)  # (n, in)
-    noise = float(o["noise"]) * torch.randn(n, W0.shape[0], generator=gen, dtype=torch.float64)
-    residual_target = x @ truth.T + noise  # (n, out): what the update must explain
+    W0, truth, x, residual_target = teacher_data(o, trial.seed)
 
     def loss_of(update: torch.Tensor) -> torch.Tensor:
         return ((x @ update.T - residual_target) ** 2).mean()

@@ -7,7 +7,7 @@ import pytest
 from torch import nn
 
 import loraredux as lx
-from loraredux.advise.memory import estimate_memory
+from loraredux.advisor.memory import estimate_memory
 from tiny_models import tiny_bert, tiny_llama
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from loraredux.advise.measure import (
+from loraredux.advisor.measure import (
     energy_rank,
     gavish_donoho_rank,
     marchenko_pastur_median,
@@ -138,7 +138,7 @@ def layer_problem(
     ("subspace", "principal", "minor"), [("principal", True, False), ("minor", False, True)]
 )
 def test_a_layer_measurement_finds_the_planted_rank_and_where_it_lies(subspace, principal, minor):
-    from loraredux.advise.measure import measure_layer
+    from loraredux.advisor.measure import measure_layer
 
     W0, grads = layer_problem(subspace)
     m = measure_layer(W0, grads)
@@ -151,7 +151,7 @@ def test_a_layer_measurement_finds_the_planted_rank_and_where_it_lies(subspace, 
 
 
 def test_pure_noise_gradients_need_no_rank_and_inputs_give_their_conditioning():
-    from loraredux.advise.measure import measure_layer
+    from loraredux.advisor.measure import measure_layer
 
     W0, grads = layer_problem("none")
     m = measure_layer(W0, grads, input_covariance=torch.diag(torch.arange(1.0, 11.0)))

@@ -196,6 +196,10 @@ class LayerMeasurement:
             (mean of the two), k = max(needed_rank, 1); 1: the update lives where W0 is strong (PiSSA's case).
         minor_alignment: the same with W0's bottom-k singular subspaces (MiLoRA's case).
         input_condition: the condition number of the input covariance (None without input statistics).
+        weight_values: W0's singular values, descending.
+        gradient_values: the mean gradient's singular values, descending (None without gradients).
+        threshold: the Gavish-Donoho threshold the gradient's singular values were held against (None without a
+            noise level).
     """
 
     weight: SpectrumStats
@@ -205,6 +209,9 @@ class LayerMeasurement:
     principal_alignment: float | None = None
     minor_alignment: float | None = None
     input_condition: float | None = None
+    weight_values: Tensor | None = None
+    gradient_values: Tensor | None = None
+    threshold: float | None = None
 
 
 def measure_layer(
@@ -219,8 +226,9 @@ def measure_layer(
     rank it supports from Gavish-Donoho at that noise, and its alignment from its top singular vectors.
     """
     W0 = W0.detach().double()
-    weight = spectrum_stats(singular_values(W0), tuple(W0.shape))
-    out: dict[str, object] = {}
+    weight_values = singular_values(W0)
+    weight = spectrum_stats(weight_values, tuple(W0.shape))
+    out: dict[str, object] = {"weight_values": weight_values}
     if grads:
         stack = torch.stack([g.detach().double() for g in grads])  # (batches, out, in)
         if stack.shape[1:] != W0.shape:
@@ -230,11 +238,13 @@ def measure_layer(
         G = stack.mean(0)
         U, s, Vh = torch.linalg.svd(G, full_matrices=False)
         out["gradient"] = spectrum_stats(s, tuple(G.shape))
+        out["gradient_values"] = s
         if len(grads) >= 2:
             halves = len(grads) // 2 * 2  # an odd batch out, so the halves weigh the same
             noise = noise_from_halves(stack[:halves:2].mean(0), stack[1:halves:2].mean(0))
             out["noise"] = noise
-            out["needed_rank"] = gavish_donoho_rank(s, tuple(G.shape), noise)
+            out["threshold"] = optimal_threshold(tuple(G.shape), noise)
+            out["needed_rank"] = int((s > out["threshold"]).sum())
         k = max(int(out.get("needed_rank") or 1), 1)  # type: ignore[call-overload]
         U0, _, V0h = torch.linalg.svd(W0, full_matrices=False)
 

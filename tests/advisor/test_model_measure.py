@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraredux.advise.measure import noise_from_halves, singular_values, spectrum_stats
-from loraredux.advise.model import measure_model
+from loraredux.advisor.measure import noise_from_halves, singular_values, spectrum_stats
+from loraredux.advisor.model import measure_model
 from tiny_models import snapshot, tiny_llama
 
 

@@ -1,0 +1,578 @@
+"""The memory model (issue 8, first part): the bytes of a fine-tuning setup from a transformers config alone.
+
+The model is built on PyTorch's meta device (shapes, no storage: exact parameter counts for any architecture
+transformers knows, in a fraction of a second) and adapted there with the chosen method, so the counts are the
+library's own, not a per-architecture formula. Then:
+
+    base        every base parameter at its format's width: fp32 4 bytes, bf16 / fp16 2; with int8 or nf4 the
+                linear layers' weights are quantized and everything else (embeddings, norms, biases, the output
+                head) stays at 16 bits
+                    int8:  1 byte per weight + one fp32 scale per output row (LLM.int8's row-wise absmax)
+                    nf4:   4 bits per weight + the absmax constants of blocks of 64: fp32 (0.5 bit per weight), or
+                           with double quantization 8-bit constants with an fp32 per 256 blocks
+                           (8/64 + 32/(64 * 256) = 0.127 bit per weight; Dettmers et al., QLoRA, arXiv 2305.14314)
+    adapters    the trainable parameters at `adapter_bytes_per` (fp32 by default)
+    gradients   one gradient per trainable parameter, at the same width
+    optimizer   `OPTIMIZER_STATES[optimizer]` states per trainable parameter, at the same width (AdamW: 2)
+
+    activations (with `batch_size` and `seq_len`) the peak of one training step (forward, loss, backward) above the
+                weights and their gradients, at the compute dtype (the base's; bf16 for int8 and nf4)
+
+`total_bytes` is the sum of the five. It overstates a step's peak by at most the gradients and the optimizer states:
+the gradients grow during backward and AdamW creates its states after it, while the activations peak at its start;
+in steady training the states of the last step are alive, so only the gradients are extra (for LoRA a small share).
+
+Activations are found by running the step itself on the meta device, where tensors have shapes but no storage, so
+nothing is computed: the adapted model, cast to the compute dtype and in training mode (dropouts on), runs forward
+on `batch_size x seq_len` token ids with labels (the causal-LM loss, or the classification loss on one label per
+sequence; "base" backpropagates the sum of the last hidden state), then backward. A `TorchDispatchMode` sees each
+new storage the step creates (an operator's output that aliases none of its inputs: views and in-place results cost
+nothing), and a weak reference to it records when it is freed (PyTorch keeps one Python object per storage for as
+long as the storage lives, on meta too, and views share it: that is the storage identity; meta `data_ptr`s are all
+0). The step's timeline of allocations and frees is then the one a real device's allocator sees: what autograd
+saves (an input shared by q, k, v and the adapter's A counts once), the model's outputs (kept until backward ends,
+as `out = model(**batch); out.loss.backward()` does), the loss's float copy and log-softmax, and each transient of
+backward (the gradient of the logits, often the peak of a language model with a large vocabulary). The activations
+are that timeline's peak without the parameters' gradients (counted above). Two corrections make meta behave like a
+real device:
+
+- attention: on meta, PyTorch's `scaled_dot_product_attention` (transformers' default "sdpa") takes its math path,
+  which keeps the seq x seq attention probabilities of every head and layer; real devices take a fused kernel
+  (flash or memory-efficient) that keeps q, k, v, the output and an fp32 log-sum-exp per query row, O(seq) instead
+  of O(seq^2). The simulation substitutes the fused kernel's footprint (its output laid out as the query on the
+  CPU, in (batch, seq, heads, dim) order on CUDA) where the training device would run one, following PyTorch's
+  dispatch: never when key and value have fewer heads than the query without `enable_gqa` (only the math path
+  broadcasts them: Falcon's multi-query attention), on "cpu" not with attention dropout (the CPU flash kernel has
+  none), on "cuda" not for grouped-query attention in fp32 or with a mask (flash is 16-bit only and takes no mask;
+  memory-efficient needs equal head counts). A config with `attn_implementation="eager"` is simulated as it runs:
+  its probabilities, their fp32 softmax and dropout mask are O(seq^2), which dominates at long sequences, so the
+  implementation matters as much as the batch. The config's implementation is used (transformers' default, sdpa,
+  when it names none).
+- gradient accumulation: with a dispatch mode active, autograd's engine sums a tensor's incoming gradients out of
+  place; without one (a real run) it adds in place into a buffer it holds the last reference to. The replay folds
+  such an add of backward into the buffer it would have reused.
+
+Assumed: no gradient checkpointing; no padding mask (only token ids go in; a mask adds about batch x seq^2 bytes
+once, shared by the layers); the model's own `use_cache` default. Not counted: kernel workspaces (cuBLAS, flash
+backward's accumulators, bitsandbytes' dequantized weights and int8 buffers: int8 and nf4 are simulated as plain
+bf16 layers), the caching allocator's rounding, the inputs and the optimizer step's temporaries.
+
+Measured agreement (tests/advisor/test_activation_memory.py: CPU, fp32, random weights, 2 layers of hidden 128,
+vocabulary 1,000, LoRA r=8 on all linear layers, batch 4 x 128 tokens; measured = `measure_peak_bytes` of a whole step
+with AdamW, plus the weights): `total_bytes` / measured was 1.021 for a Llama with grouped-query attention and sdpa,
+1.018 for the same with eager attention, 1.012 for GPT-2, 1.018 for GPT-NeoX and 1.022 for a BERT classifier, the excess
+being the gradients and optimizer states (above); `activation_bytes` equalled the measured peak to within 48 bytes, or
+0.11% for BERT, whose peak comes during backward with part of the gradients allocated. The same replay matched the
+measured CPU peak to within 64 bytes for tiny Qwen2, Qwen3, Mistral, Phi-3, Gemma 2, Gemma 3, OPT and Falcon models
+(fp32), and a bf16 Llama and Mixtral. On meta an fp32 mixture of experts fails (transformers' grouped_mm experts need
+bf16 there). The CUDA rules above follow PyTorch's dispatch conditions; no CUDA device was at hand to measure them.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = [
+    "BASE_FORMATS",
+    "COMPUTE_DTYPES",
+    "OPTIMIZER_STATES",
+    "TRAINING_DEVICES",
+    "MemoryEstimate",
+    "estimate_memory",
+    "measure_peak_bytes",
+    "meta_model",
+]
+
+#: bits per base parameter outside quantized linear weights, and the format's own width for those weights
+BASE_FORMATS = ("fp32", "bf16", "fp16", "int8", "nf4")
+#: the dtype activations are computed in, per base format (the quantized formats compute in bf16)
+COMPUTE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int8": torch.bfloat16,
+    "nf4": torch.bfloat16,
+}
+#: the devices whose attention kernels the activation model knows (see the module docstring)
+TRAINING_DEVICES = ("cuda", "cpu")
+#: optimizer states kept per trainable parameter
+OPTIMIZER_STATES: dict[str, int] = {
+    "adamw": 2,
+    "loraplus": 2,
+    "scaled_adamw": 2,
+    "sgd": 0,
+    "scaled_sgd": 0,
+}
+_HEADS = ("lm_head", "classifier", "score")  # output heads stay unquantized
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes by part (see the module docstring), and the counts they come from.
+
+    `activation_bytes` is 0 when no batch was given (`batch_size` and `seq_len` are then None): not estimated.
+    """
+
+    base_bytes: int
+    adapter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    base_parameters: int
+    trainable_parameters: int
+    activation_bytes: int = 0
+    batch_size: int | None = None
+    seq_len: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything counted: base, adapters, gradients, optimizer states and activations."""
+        return (
+            self.base_bytes
+            + self.adapter_bytes
+            + self.gradient_bytes
+            + self.optimizer_bytes
+            + self.activation_bytes
+        )
+
+    def fits(self, budget_bytes: int) -> bool:
+        """Whether the counted parts fit in `budget_bytes`."""
+        return self.total_bytes <= budget_bytes
+
+    def breakdown(self) -> dict[str, int]:
+        """{part: bytes}, for a report ("activations" is 0 when they were not estimated)."""
+        return {
+            "base": self.base_bytes,
+            "adapters": self.adapter_bytes,
+            "gradients": self.gradient_bytes,
+            "optimizer states": self.optimizer_bytes,
+            "activations": self.activation_bytes,
+        }
+
+
+def meta_model(config: Any, kind: str = "causal-lm", num_labels: int | None = None) -> nn.Module:
+    """The transformers model of `config` on the meta device: "causal-lm", "classification" (with `num_labels`
+    classes, default the config's) or "base". The config is not changed."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    classes = {
+        "causal-lm": AutoModelForCausalLM,
+        "classification": AutoModelForSequenceClassification,
+        "base": AutoModel,
+    }
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+    if kind == "classification" and num_labels is not None:
+        config = copy.deepcopy(config)
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        return classes[kind].from_config(config)
+
+
+def _quantized_bytes(weight: torch.Tensor, base: str, double_quant: bool) -> float:
+    n = weight.numel()
+    if base == "int8":
+        return n + 4 * weight.shape[0]  # one byte a weight, an fp32 scale per output row
+    bits = 4 + ((8 / 64 + 32 / (64 * 256)) if double_quant else 32 / 64)
+    return n * bits / 8
+
+
+def _check_batch(config: Any, batch_size: Any, seq_len: Any, device: Any) -> str:
+    """The training device's type ("cuda" or "cpu"), after checking the batch shape (see `estimate_memory`)."""
+    if (batch_size is None) != (seq_len is None):
+        raise ValueError(
+            "batch_size and seq_len go together: give both (to estimate activations) or neither, got "
+            f"batch_size={batch_size!r}, seq_len={seq_len!r}"
+        )
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    try:
+        kind = torch.device(device).type if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:
+        kind = None
+    if kind not in TRAINING_DEVICES:
+        raise ValueError(f"device must be one of {TRAINING_DEVICES}, got {device!r}")
+    limit = getattr(config, "max_position_embeddings", None)
+    if seq_len is not None and isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} exceeds the config's max_position_embeddings {limit}")
+    return kind
+
+
+def estimate_memory(
+    config: Any,
+    *,
+    kind: str = "causal-lm",
+    base: str = "bf16",
+    method: str = "lora",
+    method_fields: Mapping[str, Any] | None = None,
+    targets: str | Sequence[str] = "all-linear",
+    exclude: Sequence[str] | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    optimizer: str = "adamw",
+    adapter_bytes_per: int = 4,
+    double_quant: bool = True,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    device: str | torch.device = "cuda",
+) -> MemoryEstimate:
+    """The bytes of the base, the adapters, their gradients and the optimizer states for a transformers config, and
+    with `batch_size` and `seq_len` those of the activations of one training step.
+
+    Args:
+        config: a transformers `PretrainedConfig` (no weights are read).
+        kind: "causal-lm", "classification" or "base" (the model class built from the config).
+        base: the base weights' format, one of `BASE_FORMATS`.
+        method, method_fields: the adapter (`lx.config(method, **method_fields)`).
+        targets, exclude: the layers to adapt, as `lx.adapt_` takes them (the output head is never adapted).
+        modules_to_save: modules trained in full (a new classification head), counted as trainable.
+        rank_pattern, alpha_pattern: a layer's own rank / alpha, as `lx.adapt_` takes them.
+        optimizer: one of `OPTIMIZER_STATES`.
+        adapter_bytes_per: bytes per trainable parameter (and per gradient and optimizer state).
+        double_quant: nf4 with QLoRA's double quantization of the block constants.
+        batch_size, seq_len: the training batch (sequences, tokens per sequence), both or neither: with them the
+            activations are estimated (module docstring), at `COMPUTE_DTYPES[base]`.
+        device: the device that trains ("cuda", "cuda:1", "cpu" or a `torch.device`; its type one of
+            `TRAINING_DEVICES`): it decides which attention kernel sdpa runs (module docstring).
+
+    Raises:
+        ValueError: an unknown base format, optimizer or device (naming the known ones), a bad method config,
+            batch_size or seq_len not a positive int, one of them without the other, or seq_len beyond the
+            config's max_position_embeddings.
+        RuntimeError: the training step of this architecture cannot run on the meta device (an operator that
+            needs values, or whose meta kernel refuses the dtype, as transformers' grouped_mm experts in fp32);
+            estimate without a batch then.
+    """
+    import loraredux as lx
+
+    if base not in BASE_FORMATS:
+        raise ValueError(f"base must be one of {BASE_FORMATS}, got {base!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
+    device = _check_batch(config, batch_size, seq_len, device)
+    if batch_size is not None and kind == "classification" and _needs_pad_token(config):
+        # transformers pools each sequence's last non-padding token, so it needs a padding id: any will do
+        config = copy.deepcopy(config)
+        config.pad_token_id = 0
+    model = meta_model(config, kind)
+    width = {"fp32": 4, "bf16": 2, "fp16": 2}.get(base, 2)
+    quantize = base in ("int8", "nf4")
+    base_bytes = 0.0
+    base_parameters = 0
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights count once
+                continue
+            seen.add(id(p))
+            base_parameters += p.numel()
+            head = name.split(".")[-1] in _HEADS
+            if quantize and isinstance(module, nn.Linear) and pname == "weight" and not head:
+                base_bytes += _quantized_bytes(p, base, double_quant)
+            else:
+                base_bytes += p.numel() * width
+    cfg = lx.config(method, **dict(method_fields or {}))
+    heads = [h for h in _HEADS if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
+    with lx.core.skip_initialisation():
+        lx.adapt_(model, cfg, targets if isinstance(targets, str) else list(targets),
+                  exclude=[*heads, *(exclude or [])], modules_to_save=modules_to_save,
+                  rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)  # fmt: skip
+    trainable = sum(p.numel() for p in lx.trainable_parameters(model).values())
+    per = adapter_bytes_per * trainable
+    activations = 0
+    if batch_size is not None and seq_len is not None:
+        model.to(COMPUTE_DTYPES[base])
+        activations = _simulate_step(model, kind, batch_size, seq_len, device)
+    return MemoryEstimate(
+        base_bytes=round(base_bytes),
+        adapter_bytes=per,
+        gradient_bytes=per,
+        optimizer_bytes=OPTIMIZER_STATES[optimizer] * per,
+        base_parameters=base_parameters,
+        trainable_parameters=trainable,
+        activation_bytes=activations,
+        batch_size=batch_size,
+        seq_len=seq_len,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- activations
+
+
+def _needs_pad_token(config: Any) -> bool:
+    return getattr(config, "pad_token_id", 0) is None
+
+
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    """The tensors of an operator's arguments or outputs (tensors, or lists / tuples / dicts of them)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+
+
+class _Allocations(TorchDispatchMode):
+    """The timeline of storages a computation creates and frees, as (allocation id, +bytes / -bytes) events.
+
+    A storage is new when an operator's output aliases none of its inputs and is not tracked yet; it is freed when
+    its Python object dies (PyTorch keeps that object exactly as long as the storage lives, views included). In
+    `backward`, an out-of-place add whose output replaces a dying input of the same size is folded into that input:
+    outside a dispatch mode autograd's engine accumulates gradients in place there (`InputBuffer::accumulate`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[int, int]] = []
+        self.backward = False
+        # id(storage) -> (allocation, bytes, weak reference)
+        self._alive: dict[int, tuple[int, int, weakref.ref]] = {}
+        self._count = 0
+        self._pending: tuple[int, int, int, set[int]] | None = None  # an add of backward to settle
+        self._folded: dict[int, int] = {}  # an add's allocation -> the buffer it was folded into
+
+    def allocation(self, tensor: torch.Tensor) -> int | None:
+        """The id of the allocation holding `tensor`'s storage, or None (not created here, or freed)."""
+        self.settle()
+        entry = self._alive.get(id(tensor.untyped_storage()))
+        return None if entry is None else self._root(entry[0])
+
+    def _root(self, allocation: int) -> int:
+        while allocation in self._folded:
+            allocation = self._folded[allocation]
+        return allocation
+
+    def peak(self, exclude: set[int]) -> int:
+        """The timeline's highest sum, leaving out the allocations in `exclude`."""
+        self.settle()
+        running = highest = 0
+        for allocation, delta in self.events:
+            if allocation not in exclude:
+                running += delta
+                highest = max(highest, running)
+        return highest
+
+    def settle(self) -> None:
+        """Fold the last add of backward into the input it replaced, if that input died with it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        index, allocation, nbytes, inputs = pending
+        for j in range(len(self.events) - 1, index, -1):
+            freed, delta = self.events[j]
+            if delta == -nbytes and freed in inputs:
+                del self.events[j], self.events[index]
+                self._folded[allocation] = self._root(freed)
+                return
+
+    def _free(self, key: int, allocation: int, nbytes: int) -> None:
+        self._alive.pop(key, None)
+        self.events.append((allocation, -nbytes))
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.settle()
+        out = func(*args, **(kwargs or {}))
+        inputs: set[int] | None = None
+        for tensor in _tensors(out):
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in self._alive:
+                continue
+            if inputs is None:
+                inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs))}
+            if key in inputs:  # a view or an in-place result
+                continue
+            self._count += 1
+            allocation, nbytes = self._count, storage.nbytes()
+            ref = weakref.ref(storage, lambda _, k=key, a=allocation, n=nbytes: self._free(k, a, n))
+            self._alive[key] = (allocation, nbytes, ref)
+            self.events.append((allocation, nbytes))
+            if self.backward and func is torch.ops.aten.add.Tensor:
+                sources = {self._alive[k][0] for k in inputs if k in self._alive}
+                self._pending = (len(self.events) - 1, allocation, nbytes, sources)
+        return out
+
+
+class _FusedAttention(torch.autograd.Function):
+    """The footprint of a fused attention kernel (flash / memory-efficient) on meta tensors: the output (laid out
+    as the query on the CPU, whose flash kernel allocates it `empty_like(q)`; in (batch, seq, heads, dim) order on
+    CUDA), an fp32 log-sum-exp per query row, and q, k, v (and a mask) kept for backward, which returns gradients
+    shaped like q, k, v. Nothing is computed."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, device: str
+    ) -> torch.Tensor:
+        if device == "cpu":
+            out = torch.empty_like(q)
+        else:
+            out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+        logsumexp = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, logsumexp, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, None
+
+
+def _sdpa_arguments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float, bool]:
+    """`F.scaled_dot_product_attention`'s arguments by name, however they were passed."""
+    return query, key, value, attn_mask, dropout_p, enable_gqa
+
+
+def _runs_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    gqa: bool,
+    device: str,
+) -> bool:
+    """Whether PyTorch's sdpa picks a fused kernel for this call on `device` (its dispatch rules, simplified)."""
+    dense = all(t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v))
+    same_heads = q.shape[1] == k.shape[1] == v.shape[1]
+    grouped = gqa and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
+    if not dense or q.shape[-1] != k.shape[-1] or not (same_heads or grouped):
+        return False  # only the math path broadcasts heads or takes other layouts
+    if device == "cpu":
+        return not dropout  # the CPU flash kernel has no dropout
+    # CUDA: memory-efficient takes fp32 and masks but not grouped heads; flash takes grouped heads, 16-bit only
+    return same_heads or (q.dtype != torch.float32 and mask is None)
+
+
+class _FusedSdpa(TorchFunctionMode):
+    """`F.scaled_dot_product_attention` as the training device runs it: the fused kernel's footprint where that
+    device has one for the call (module docstring), else the math path (what meta runs anyway)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v, mask, dropout, gqa = _sdpa_arguments(*args, **kwargs)
+            if _runs_fused(q, k, v, mask, dropout, gqa, self.device):
+                return _FusedAttention.apply(q, k, v, mask, self.device)
+        return func(*args, **kwargs)
+
+
+def _labels(model: nn.Module, kind: str, batch_size: int, ids: torch.Tensor) -> torch.Tensor | None:
+    if kind == "causal-lm":
+        return ids
+    if kind != "classification":
+        return None
+    cfg = model.config
+    if cfg.problem_type == "multi_label_classification":
+        return torch.zeros(batch_size, cfg.num_labels, device="meta")
+    if cfg.problem_type == "regression" or (cfg.problem_type is None and cfg.num_labels == 1):
+        return torch.zeros(batch_size, device="meta")
+    return torch.zeros(batch_size, dtype=torch.long, device="meta")
+
+
+def _simulate_step(model: nn.Module, kind: str, batch_size: int, seq_len: int, device: str) -> int:
+    """The activation bytes of one training step of the adapted meta-device `model` (module docstring)."""
+    model.train()
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    labels = _labels(model, kind, batch_size, ids)
+    inputs = {"input_ids": ids} if labels is None else {"input_ids": ids, "labels": labels}
+    timeline = _Allocations()
+    try:
+        with timeline:
+            with _FusedSdpa(device):
+                out = model(**inputs)
+            loss = out[0] if labels is not None else out[0].sum()
+            if loss.requires_grad:
+                timeline.backward = True
+                loss.backward()
+            gradients = {
+                timeline.allocation(p.grad) for p in model.parameters() if p.grad is not None
+            }
+            del out, loss
+    except Exception as err:
+        raise RuntimeError(
+            f"the training step of {type(model).__name__} cannot run on the meta device ({err}); estimate "
+            "without batch_size and seq_len"
+        ) from err
+    return timeline.peak(gradients - {None})
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+def measure_peak_bytes(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
+    """The peak memory allocated while `fn()` runs, above what was allocated when it started, in bytes.
+
+    On CUDA, `torch.cuda.max_memory_allocated` after resetting the peak (all of the device's allocations, by the
+    caching allocator's block sizes). On the CPU, PyTorch's profiler's memory events (`profile_memory=True`): the
+    highest running sum of the allocations and frees made while `fn` runs, in time order (frees of tensors made
+    before `fn` started are not reported to the profiler, so they never lower the figure).
+
+    Args:
+        fn: called once, with no arguments; its result is dropped.
+        device: "cpu", "cuda" or "cuda:N" (a str or `torch.device`); default the current CUDA device when CUDA
+            is available, else the CPU.
+
+    Raises:
+        ValueError: another device type, or CUDA without a CUDA device.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device is CUDA but torch.cuda.is_available() is False")
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
+    if device.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {str(device)!r}")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cpu = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() in cpu
+    ]
+    running = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak

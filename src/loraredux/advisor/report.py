@@ -1,0 +1,786 @@
+"""The advisor's report (issue 8): `write_report(rec, DIR)` turns a recommendation (`Recommendation.to_dict()`) into
+files an ML engineer reads.
+
+    recommendation.json   the recommendation itself (JSON, indent 2, keys in their order)
+    report.md             how to apply it (the Python, and the `loraredux train` command where the command line can
+                          express it), the global choices and why, what was measured per layer, the memory of each
+                          base format against the budget, and the verification runs when there were any
+    report.html           the same in one self-contained file (plots embedded as base64 PNG)
+    spectra.png           W0's singular values per layer (over σ1), and the gradient's over its Gavish-Donoho threshold
+    ranks.png             the chosen rank per layer, and the rank the gradient needs where it was measured
+    memory.png            the bytes of each base format by part, against the budget
+    verify.png            the metric of each verification run (only with verification)
+
+The plots need matplotlib (`pip install loraredux[bench]`); `plots=False` leaves them out. Everything is built in
+memory first, so a recommendation that cannot be rendered writes nothing; each file then replaces its old version
+atomically (a temporary file beside it and a rename). `render_markdown`, `render_html` and `render_plots` are the
+pure parts. Numbers print to 3 significant digits, bytes in binary units (1 GiB = 2**30 bytes), a missing value as
+"—"; every figure in a sentence is computed from the recommendation.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import pprint
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..io.files import write_text_atomic
+
+__all__ = [
+    "REQUIRED",
+    "format_bytes",
+    "format_number",
+    "render_html",
+    "render_markdown",
+    "render_plots",
+    "write_report",
+]
+
+#: top-level keys a recommendation must have
+REQUIRED = ("choices", "config", "adapt", "layers", "memory")
+DASH = "—"
+CAPTIONS = {
+    "spectra.png": "Singular values per layer: W0's over its largest (left) and the mean gradient's over the "
+    "layer's Gavish-Donoho threshold, where measured (right).",
+    "ranks.png": "The chosen rank per layer, and the rank the gradient needs where it was measured.",
+    "memory.png": "Estimated memory of each base format, by part, against the budget.",
+    "verify.png": "The metric of each verification run.",
+}
+_DPI = 110  # as the benchmark reports
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray")
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}"
+    "table{border-collapse:collapse;margin:.6em 0;font-size:.9em}"
+    "th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
+    "th{background:#f3f3f3}code,pre{font-family:ui-monospace,monospace;font-size:.92em}"
+    "pre{background:#f6f8fa;padding:.8em;overflow-x:auto}.wide{overflow-x:auto}"
+    "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:.9em;color:#555}"
+)
+
+# A report is a list of blocks, rendered to Markdown or HTML: ("h1" | "h2" | "p", text), ("code", language, text),
+# ("table", header, rows), ("list", items) or ("image", file name, caption); text may hold `code` and **bold**.
+Block = tuple[Any, ...]
+
+
+# ----------------------------------------------------------------------------------------------- numbers
+
+
+def format_number(x: Any, digits: int = 3) -> str:
+    """`x` compactly: an int as it is, a float to `digits` significant digits ("1.23e3", "4.5e-5"), None as "—"."""
+    if x is None:
+        return DASH
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    text = f"{x:.{digits}g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def format_bytes(n: float | None) -> str:
+    """A byte count in binary units: "512 B", "3.00 MiB", "1.50 GiB" (1 GiB = 2**30 bytes); None as "—"."""
+    if n is None:
+        return DASH
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    value, k = float(n), 0
+    while abs(value) >= 1024 and k < 4:
+        value, k = value / 1024, k + 1
+    return f"{value:.2f} {('KiB', 'MiB', 'GiB', 'TiB')[k - 1]}"
+
+
+# ----------------------------------------------------------------------------------------------- the document
+
+
+def _check(rec: Any) -> None:
+    if not isinstance(rec, Mapping):
+        raise TypeError(
+            f"a recommendation is a dict (Recommendation.to_dict()), got {type(rec).__name__}"
+        )
+    for key in REQUIRED:
+        if key not in rec:
+            raise ValueError(f"the recommendation has no {key!r} key (it has {sorted(rec)})")
+
+
+def _value(x: Any) -> str:
+    return x if isinstance(x, str) else json.dumps(x)
+
+
+def _literal(value: Any, indent: int) -> str:
+    """A Python literal of a JSON value, wrapped to 100 columns with continuation lines under its first."""
+    text = pprint.pformat(value, width=max(40, 100 - indent), sort_dicts=False)
+    return text.replace("\n", "\n" + " " * indent)
+
+
+def _needs_data(init: Any) -> bool:
+    if not isinstance(init, str):
+        return False
+    from .. import init as lx_init
+
+    try:
+        return bool(lx_init.get(init).needs)
+    except ValueError:  # not registered here: the report cannot tell
+        return False
+
+
+def _python(rec: Mapping[str, Any]) -> str:
+    config, adapt = rec["config"], rec["adapt"]
+    lines = [
+        "import loraredux as lx",
+        "",
+        "config = lx.config_from_dict(",
+        f"    {_literal(dict(config), 4)}",
+        ")",
+        "lx.adapt_(",
+        "    model,",
+        "    config,",
+        f"    targets={_literal(adapt.get('targets'), 12)},",
+    ]
+    for key in ("exclude", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        if adapt.get(key):
+            lines.append(f"    {key}={_literal(adapt[key], 5 + len(key))},")
+    if _needs_data(config.get("init")):
+        lines += [
+            f"    calibration=batches,  # training batches: init {config['init']!r} estimates from them",
+            "    # loss_fn=...,  # (model, batch) -> loss, where that is not model(**batch).loss",
+        ]
+    lines.append(")")
+    return "\n".join(lines)
+
+
+def _cli(rec: Mapping[str, Any], folder: str) -> str | None:
+    """The `loraredux train` command that applies the recommendation file, or None without a model name."""
+    model = (rec.get("model") or {}).get("name")
+    if not model:
+        return None
+    args = [["loraredux", "train"], ["--model", model]]
+    if (rec.get("data") or {}).get("name"):
+        args.append(["--data", rec["data"]["name"]])
+    args.append(["--recommendation", f"{folder.rstrip('/')}/recommendation.json"])
+    advised = _advised_and_plain(rec)[0]
+    if advised is not None and advised.get("lr") is not None:
+        args.append(["--lr", format(advised["lr"])])
+    return " \\\n    ".join(" ".join(shlex.quote(a) for a in arg) for arg in args)
+
+
+def _how_to(rec: Mapping[str, Any], folder: str) -> list[Block]:
+    choices = rec["choices"]
+    base = (choices.get("base") or {}).get("value")
+    serving = (choices.get("serving") or {}).get("value")
+    optimizer = (choices.get("optimizer") or {}).get("value")
+    text = "Apply it to `model`, the loaded model" + (
+        f" with its base in **{base}**" if base else ""
+    )
+    text += (
+        ", before training: `lx.config_from_dict` rebuilds the method's config from the recommendation's "
+        '`"config"`, and the keyword arguments are its `"adapt"` entries.'
+    )
+    if optimizer:
+        text += f" Train the adapter parameters with the **{optimizer}** optimizer."
+    if serving == "merge":
+        text += (
+            " After training, `lx.merge_(model)` folds the adapters into the weights for serving."
+        )
+    elif serving:
+        text += (
+            f" Serve it **{serving}**: save the adapter with `lx.save_adapter(model, DIR)` and keep the "
+            "base unmerged."
+        )
+    blocks: list[Block] = [("h2", "How to use it"), ("p", text), ("code", "python", _python(rec))]
+    command = _cli(rec, folder)
+    if command is not None:
+        note = (
+            "The same from the command line: `--recommendation` applies the method config, the targets, the "
+            "per-layer ranks and the optimizer of `recommendation.json`"
+        )
+        if rec["adapt"].get("modules_to_save"):
+            note += ", and the task's own head is trained in full (`modules_to_save`)"
+        if "--lr" in command:
+            note += "; the learning rate is the one the verification used"
+        if base and base != "fp32":
+            note += (
+                f"; it loads the base in fp32, having no option for the base format ({base} here)"
+            )
+        blocks += [("p", note + ":"), ("code", "sh", command)]
+    return blocks
+
+
+def _choices(rec: Mapping[str, Any]) -> list[Block]:
+    rows = [
+        [name, f"`{_value((c or {}).get('value'))}`", str((c or {}).get("reason") or DASH)]
+        for name, c in rec["choices"].items()
+    ]
+    return [("h2", "Global choices"), ("table", ["choice", "value", "why"], rows)]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _short(path: str) -> str:
+    """The last two components of a module path, after the block number where the path has one."""
+    parts = path.split(".")
+    numbers = [p for p in parts[:-2] if p.isdigit()]
+    tail = ".".join(parts[-2:])
+    return f"{numbers[-1]}:{tail}" if numbers else tail
+
+
+def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
+    layers = rec["layers"]
+    default = rec["config"].get("rank")
+    ranks = [layer.get("rank") for layer in layers.values()]
+    measured = [g for layer in layers.values() if (g := layer.get("gradient"))]
+    summary = f"{len(layers)} target layers"
+    known = [r for r in ranks if r is not None]
+    if known:
+        summary += (
+            f", ranks {min(known)} to {max(known)}"
+            if min(known) != max(known)
+            else f", all rank {known[0]}"
+        )
+        if default is not None:
+            off = _count(sum(r != default for r in known), "layer")
+            summary += f" ({off} off the default rank {default})"
+    summary += (
+        f"; the gradient was measured on {len(measured)} of them."
+        if measured
+        else "; no gradient was measured."
+    )
+    summary += (
+        " Needed rank: the number of the mean gradient's singular values above its Gavish-Donoho threshold. "
+        "Gradient noise: the per-entry noise level of the mean gradient, from two halves of the batches. "
+        "Alignment: the overlap of the gradient's top singular subspace with W0's principal / minor one "
+        "(1: the same; k/n for unrelated ones). Effective rank: Roy-Vetterli's, of W0. Input κ: the condition "
+        "number of the layer's input covariance."
+    )
+    init = rec["config"].get("init")
+    others = [p for p, layer in layers.items() if layer.get("init") not in (None, init)]
+    if others:
+        summary += (
+            f" {len(others)} layers list an init other than the config's ({init}); the call above "
+            f"initialises every layer with {init}."
+        )
+    head = ["layer", "shape", "rank", "init", "needed rank (Gavish-Donoho)", "gradient noise",
+            "principal / minor alignment", "W0 effective rank", "input κ"]  # fmt: skip
+    rows, reasons = [], {}
+    for path, layer in layers.items():
+        g = layer.get("gradient") or {}
+        align = (
+            " / ".join(format_number(g.get(k)) for k in ("principal_alignment", "minor_alignment"))
+            if g
+            else DASH
+        )
+        rows.append([
+            f"`{path}`",
+            "×".join(str(d) for d in layer.get("shape") or []) or DASH,
+            format_number(layer.get("rank")),
+            str(layer.get("init") or DASH),
+            format_number(g.get("needed_rank")),
+            format_number(g.get("noise")),
+            align,
+            format_number((layer.get("weight") or {}).get("effective_rank")),
+            format_number(layer.get("input_condition")),
+        ])  # fmt: skip
+        if layer.get("reason"):
+            reasons.setdefault(str(layer["reason"]), []).append(path)
+    items = [
+        (
+            f"All {len(layers)} layers"
+            if len(paths) == len(layers) > 1
+            else ", ".join(f"`{p}`" for p in paths)
+        )
+        + f": {reason}"
+        for reason, paths in reasons.items()
+    ]
+    blocks: list[Block] = [("h2", "Per layer"), ("p", summary), ("table", head, rows)]
+    if items:
+        blocks += [("p", "Why each layer's rank and init:"), ("list", items)]
+    return blocks + [
+        ("image", n, CAPTIONS[n]) for n in ("spectra.png", "ranks.png") if n in available
+    ]
+
+
+def _memory(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
+    memory = rec["memory"]
+    if not memory:
+        return [("h2", "Memory"), ("p", "No memory estimate was made.")]
+    options = memory.get("options") or {}
+    chosen = memory.get("chosen")
+    parts = list(
+        dict.fromkeys(k for o in options.values() for k in o if k not in ("total", "fits"))
+    )
+    budget = memory.get("budget_bytes")
+    text = "Estimated bytes"
+    if memory.get("batch_size") is not None:
+        text += f" for batches of {memory['batch_size']} × {memory.get('seq_len', DASH)} tokens"
+    text += (
+        f", against a budget of **{format_bytes(budget)}**"
+        if budget is not None
+        else "; no budget was set"
+    )
+    text += " (binary units: 1 KiB = 1024 bytes, 1 MiB = 1024 KiB, 1 GiB = 1024 MiB)."
+    if chosen is not None:
+        text += f" Chosen: **{chosen}**."
+    rows = []
+    for name, o in options.items():
+        fits = o.get("fits")
+        rows.append(
+            [f"**{name}** (chosen)" if name == chosen else name]
+            + [format_bytes(o.get(p)) for p in parts]
+            + [format_bytes(o.get("total")), DASH if fits is None else ("yes" if fits else "no")]
+        )
+    head = ["base format", *parts, "total", "fits"]
+    blocks: list[Block] = [("h2", "Memory"), ("p", text), ("table", head, rows)]
+    return blocks + (
+        [("image", "memory.png", CAPTIONS["memory.png"])] if "memory.png" in available else []
+    )
+
+
+def _advised_and_plain(
+    rec: Mapping[str, Any],
+) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+    """The verification's advised run and its plain-LoRA run: by name ("advised", "lora"), else by position (the
+    schema's order); None where there is none."""
+    runs = list((rec.get("verify") or {}).get("runs") or [])
+    by_name = {r.get("name"): r for r in runs}
+    advised = by_name.get("advised", runs[0] if runs else None)
+    plain = by_name.get("lora", runs[1] if len(runs) > 1 else None)
+    return advised, (plain if plain is not advised else None)
+
+
+def _best(verify: Mapping[str, Any]) -> set[int]:
+    """Indices of the runs with the best metric (all of them on a tie)."""
+    values = {
+        i: r["metric"]
+        for i, r in enumerate(verify.get("runs") or [])
+        if _is_number(r.get("metric"))
+    }
+    if not values:
+        return set()
+    best = (max if verify.get("higher_is_better", True) else min)(values.values())
+    return {i for i, v in values.items() if v == best}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _run_summary(run: Mapping[str, Any]) -> str:
+    config = run.get("config") or {}
+    parts = [str(config.get("method", DASH))]
+    for key, label in (("rank", "r"), ("alpha", "α")):
+        if config.get(key) is not None:
+            parts.append(f"{label}={format_number(config[key])}")
+    if config.get("init"):
+        parts.append(f"init={config['init']}")
+    if run.get("rank_pattern"):
+        parts.append(_count(len(run["rank_pattern"]), "per-layer rank"))
+    if run.get("optimizer"):
+        parts.append(str(run["optimizer"]))
+    if run.get("lr") is not None:
+        parts.append(f"lr {run['lr']:g}")
+    return ", ".join(parts)
+
+
+def _comparison(rec: Mapping[str, Any]) -> str | None:
+    """The sentence comparing the advised run with plain LoRA, from their metrics; None without verification."""
+    verify = rec.get("verify")
+    if not verify:
+        return None
+    metric = verify.get("metric", "metric")
+    advised, plain = _advised_and_plain(rec)
+    if advised is None or plain is None:
+        return "There is no plain-LoRA run to compare the advised configuration with."
+    a, b = advised.get("metric"), plain.get("metric")
+    if not (_is_number(a) and _is_number(b)):
+        return f"The advised run or the plain-LoRA run has no {metric}, so they cannot be compared."
+    higher = verify.get("higher_is_better", True)
+    diff = a - b
+    verdict = "the same" if diff == 0 else ("better" if (diff > 0) == bool(higher) else "worse")
+    return (
+        f"The advised configuration (`{advised.get('name')}`) reached {metric} {format_number(a, 4)} against "
+        f"{format_number(b, 4)} for plain LoRA (`{plain.get('name')}`): a difference of {diff:+.3g} "
+        f"({'higher' if higher else 'lower'} is better), so the advice did {verdict}"
+        + (" than plain LoRA." if verdict != "the same" else " as plain LoRA.")
+    )
+
+
+def _verify(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
+    verify = rec.get("verify")
+    if not verify:
+        return []
+    metric = verify.get("metric", "metric")
+    best = _best(verify)
+    text = (
+        f"Each configuration trained for {verify.get('steps', DASH)} steps (seed {verify.get('seed', DASH)}) "
+        f"and was scored by {metric} ({'higher' if verify.get('higher_is_better', True) else 'lower'} is "
+        "better); the best run is marked."
+    )
+    rows = []
+    for i, run in enumerate(verify.get("runs") or []):
+        trainable = run.get("trainable")
+        rows.append([
+            f"**{run.get('name')}** (best)" if i in best else str(run.get("name")),
+            _run_summary(run),
+            format_number(run.get("metric"), 4),
+            format_number(run.get("train_loss"), 4),
+            DASH if run.get("seconds") is None else f"{run['seconds']:.1f}",
+            DASH if trainable is None else f"{trainable:,}",
+        ])  # fmt: skip
+    head = ["run", "configuration", metric, "train loss", "seconds", "trainable params"]
+    blocks: list[Block] = [("h2", "Verification"), ("p", text), ("table", head, rows)]
+    blocks.append(("p", _comparison(rec)))
+    return blocks + (
+        [("image", "verify.png", CAPTIONS["verify.png"])] if "verify.png" in available else []
+    )
+
+
+def _title(rec: Mapping[str, Any]) -> str:
+    model = (rec.get("model") or {}).get("name") or "a model"
+    data = rec.get("data")
+    return f"Adapter advice: {model}" + (f" on {data['name']}" if data and data.get("name") else "")
+
+
+def _document(rec: Mapping[str, Any], available: Sequence[str], folder: str) -> list[Block]:
+    _check(rec)
+    model, data = rec.get("model") or {}, rec.get("data")
+    intro = f"Recommended by loraredux {rec.get('loraredux_version', DASH)}"
+    if model:
+        intro += f" for `{model.get('class', model.get('name'))}`"
+        if model.get("parameters") is not None:
+            intro += f" ({model['parameters']:,} parameters)"
+    if data:
+        shape = [data.get(k) for k in ("batches", "batch_size", "seq_len")]
+        intro += ", measured on " + (
+            "{} batches of {} × {} tokens".format(*shape)
+            if None not in shape
+            else "calibration data"
+        )
+        intro += f" of {data['name']}." if data.get("name") else "."
+    else:
+        intro += ", without calibration data: the layers' gradients were not measured."
+    return [
+        ("h1", _title(rec)),
+        ("p", intro),
+        *_how_to(rec, folder),
+        *_choices(rec),
+        *_layers(rec, available),
+        *_memory(rec, available),
+        *_verify(rec, available),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(rec: Mapping[str, Any], plots: Sequence[str] = (), folder: str = "DIR") -> str:
+    """The Markdown report of a recommendation.
+
+    Args:
+        rec: the recommendation (`Recommendation.to_dict()`).
+        plots: the plot files beside the report (`render_plots`' names) to link, by relative path.
+        folder: where recommendation.json is, for the `loraredux train --recommendation` command.
+
+    Raises:
+        ValueError: a required key (`REQUIRED`) is missing.
+    """
+    out: list[str] = []
+    for block in _document(rec, plots, folder):
+        kind = block[0]
+        if kind == "h1":
+            out.append(f"# {block[1]}")
+        elif kind == "h2":
+            out.append(f"## {block[1]}")
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "code":
+            out.append(f"```{block[1]}\n{block[2]}\n```")
+        elif kind == "table":
+            head, rows = block[1], block[2]
+            lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+        elif kind == "list":
+            out.append("\n".join(f"- {item}" for item in block[1]))
+        elif kind == "image":
+            out.append(f"![{block[2]}]({block[1]})")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+def render_html(
+    rec: Mapping[str, Any], images: Mapping[str, bytes] | None = None, folder: str = "DIR"
+) -> str:
+    """The report as one self-contained HTML page: the Markdown report's content, plots embedded as PNG data URIs.
+
+    Args:
+        rec: the recommendation (`Recommendation.to_dict()`).
+        images: PNG bytes by file name (`render_plots`' result); the plots to embed.
+
+    Raises:
+        ValueError: a required key (`REQUIRED`) is missing.
+    """
+    images = images or {}
+    body: list[str] = []
+    for block in _document(rec, list(images), folder):
+        kind = block[0]
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{_inline(block[1])}</{kind}>")
+        elif kind == "code":
+            code = html.escape(block[2], quote=False)
+            body.append(f'<pre><code class="language-{block[1]}">{code}</code></pre>')
+        elif kind == "table":
+            head = "".join(f"<th>{_inline(h)}</th>" for h in block[1])
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>\n"
+                for row in block[2]
+            )
+            body.append(
+                f'<div class="wide"><table>\n<thead><tr>{head}</tr></thead>\n'
+                f"<tbody>\n{rows}</tbody></table></div>"
+            )
+        elif kind == "list":
+            body.append("<ul>\n" + "".join(f"<li>{_inline(i)}</li>\n" for i in block[1]) + "</ul>")
+        elif kind == "image":
+            data = base64.b64encode(images[block[1]]).decode("ascii")
+            caption = html.escape(block[2])
+            body.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
+                f"<figcaption>{caption}</figcaption></figure>"
+            )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(_title(rec), quote=False)}</title>\n"
+        f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+        import matplotlib.backends.backend_agg  # the Agg canvas, without pyplot's global state
+        import matplotlib.figure
+        import matplotlib.ticker
+    except ImportError as err:
+        if err.name is not None and err.name.split(".")[0] != "matplotlib":
+            raise  # matplotlib is there but one of its own imports failed: show that error
+        raise ImportError(
+            "the advisor's plots need matplotlib: pip install loraredux[bench], or pass plots=False"
+        ) from err
+    return matplotlib
+
+
+def _png(mpl: Any, fig: Any) -> bytes:
+    mpl.backends.backend_agg.FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _spectra(mpl: Any, layers: Mapping[str, Any]) -> Any:
+    n = len(layers)
+    cmap = mpl.colormaps["viridis"]
+    colour = [cmap(i / max(n - 1, 1)) for i in range(n)]
+    width = 1.0 if n <= 24 else 0.6
+    grads = [(i, g) for i, layer in enumerate(layers.values())
+             if (g := layer.get("gradient")) and g.get("singular_values")]  # fmt: skip
+    fig = mpl.figure.Figure(figsize=(11.0 if grads else 6.5, 4.0), layout="constrained")
+    axes = fig.subplots(1, 2 if grads else 1, squeeze=False)[0]
+
+    def curve(ax: Any, i: int, values: list[float], scale: float, **kw: Any) -> None:
+        points = [(k, v / scale) for k, v in enumerate(values, 1) if v > 0]
+        if points:
+            ax.plot(*zip(*points, strict=True), color=colour[i], linewidth=width, **kw)
+
+    for i, layer in enumerate(layers.values()):
+        s = (layer.get("weight") or {}).get("singular_values") or []
+        if s and s[0] > 0:
+            curve(axes[0], i, s, s[0])
+    axes[0].set_title("W0: singular values over the largest", fontsize=9)
+    axes[0].set_ylabel(r"$\sigma_i / \sigma_1$")
+    normalised = False  # the gradient's values over each layer's threshold
+    if grads:
+        ax = axes[1]
+        normalised = all(_is_number(g.get("threshold")) and g["threshold"] > 0 for _, g in grads)
+        for i, g in grads:
+            curve(ax, i, g["singular_values"], g["threshold"] if normalised else 1.0)
+            if not normalised and _is_number(g.get("threshold")) and g["threshold"] > 0:
+                ax.axhline(g["threshold"], color=colour[i], linestyle=":", linewidth=0.8)
+        if normalised:
+            ax.axhline(
+                1.0, color="black", linestyle="--", linewidth=1, label="Gavish-Donoho threshold"
+            )
+            ax.set_ylabel(r"$\sigma_i / \tau$ (the layer's threshold $\tau$)")
+            ax.legend(fontsize=7, loc="upper right")
+        else:
+            ax.set_ylabel(r"$\sigma_i$ (dotted: each layer's Gavish-Donoho threshold)")
+        ax.set_title("mean gradient: singular values (above the line: needed rank)", fontsize=9)
+    # numerically zero tails (1e-17) would squash what matters: W0 to 1e-4 of σ1, the gradient to 1e-3 of τ
+    for ax, floor in zip(axes, (1e-4, 1e-3 if normalised else 0.0), strict=False):
+        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        if low < floor < high:
+            ax.set_ylim(bottom=floor)
+        ax.set_xlabel("singular value index i")
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    norm = mpl.colors.Normalize(0, max(n - 1, 1))
+    bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes),
+                       label="layer index (model order)")  # fmt: skip
+    bar.locator = mpl.ticker.MaxNLocator(integer=True)
+    bar.update_ticks()
+    return fig
+
+
+def _ranks(mpl: Any, layers: Mapping[str, Any]) -> Any:
+    n = len(layers)
+    fig = mpl.figure.Figure(
+        figsize=(min(max(6.4, 0.16 * n + 2.5), 18.0), 4.2), layout="constrained"
+    )
+    ax = fig.subplots()
+    ax.bar(range(n), [layer.get("rank") or 0 for layer in layers.values()], color=_COLOURS[0],
+           width=0.8, label="chosen rank")  # fmt: skip
+    needed = [(i, g["needed_rank"]) for i, layer in enumerate(layers.values())
+              if (g := layer.get("gradient")) and g.get("needed_rank") is not None]  # fmt: skip
+    if needed:
+        ax.plot(*zip(*needed, strict=True), linestyle="none", marker="D", color=_COLOURS[1],
+                markersize=4 if n <= 60 else 2.5, label="needed rank (Gavish-Donoho)")  # fmt: skip
+    step = max(1, math.ceil(n / 48))  # at most ~48 labels, however many layers
+    ticks = list(range(0, n, step))
+    names = [_short(p) for p in layers]
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90 if n > 8 else 0,
+                  fontsize=7 if n <= 48 else 6)  # fmt: skip
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_xlabel("layer (model order)" + (f", every {step}th labelled" if step > 1 else ""))
+    ax.set_ylabel("rank")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.legend(loc="outside upper center", ncols=2, fontsize=8)
+    return fig
+
+
+def _memory_plot(mpl: Any, memory: Mapping[str, Any]) -> Any:
+    options = memory.get("options") or {}
+    parts = list(
+        dict.fromkeys(k for o in options.values() for k in o if k not in ("total", "fits"))
+    )
+    fig = mpl.figure.Figure(figsize=(8.0, 1.7 + 0.45 * len(options)), layout="constrained")
+    ax = fig.subplots()
+    names = [f"{n} (chosen)" if n == memory.get("chosen") else n for n in options]
+    left = [0.0] * len(options)
+    for j, part in enumerate(parts):
+        widths = [(o.get(part) or 0) / 2**30 for o in options.values()]
+        ax.barh(names, widths, left=left, color=_COLOURS[j % len(_COLOURS)], label=part)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    if memory.get("budget_bytes") is not None:
+        ax.axvline(memory["budget_bytes"] / 2**30, color="black", linestyle="--",
+                   label=f"budget {format_bytes(memory['budget_bytes'])}")  # fmt: skip
+    ax.invert_yaxis()  # in the order of preference, top down
+    ax.set_xlabel("GiB (2**30 bytes)")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=min(4, len(parts) + 1), fontsize=7)
+    return fig
+
+
+def _verify_plot(mpl: Any, verify: Mapping[str, Any]) -> Any | None:
+    runs = [r for r in verify.get("runs") or [] if _is_number(r.get("metric"))]
+    if not runs:
+        return None
+    best = _best({**verify, "runs": runs})
+    fig = mpl.figure.Figure(figsize=(max(5.0, 1.1 * len(runs) + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    colours = [_COLOURS[1] if i in best else _COLOURS[0] for i in range(len(runs))]
+    bars = ax.bar([str(r.get("name")) for r in runs], [r["metric"] for r in runs], color=colours)
+    ax.bar_label(bars, labels=[format_number(r["metric"], 4) for r in runs], fontsize=8)
+    ax.set_ylabel(str(verify.get("metric", "metric")))
+    better = "higher" if verify.get("higher_is_better", True) else "lower"
+    ax.set_title(
+        f"{verify.get('metric', 'metric')} per run ({better} is better; best in orange)", fontsize=9
+    )
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+def render_plots(rec: Mapping[str, Any]) -> dict[str, bytes]:
+    """The report's plots as PNG bytes by file name (see the module docstring), nothing written.
+
+    Raises:
+        ValueError: a required key (`REQUIRED`) is missing.
+        ImportError: matplotlib is not installed (`pip install loraredux[bench]`).
+    """
+    _check(rec)
+    mpl = _matplotlib()
+    figures = {}
+    if rec["layers"]:
+        figures["spectra.png"] = _spectra(mpl, rec["layers"])
+        figures["ranks.png"] = _ranks(mpl, rec["layers"])
+    if (rec["memory"] or {}).get("options"):
+        figures["memory.png"] = _memory_plot(mpl, rec["memory"])
+    if rec.get("verify") and (fig := _verify_plot(mpl, rec["verify"])) is not None:
+        figures["verify.png"] = fig
+    return {name: _png(mpl, fig) for name, fig in figures.items()}
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def write_report(
+    rec: Mapping[str, Any], out: str | os.PathLike[str], *, plots: bool = True
+) -> list[Path]:
+    """Write `recommendation.json`, `report.md`, `report.html` and (with `plots`) the plots into `out`.
+
+    Everything is rendered in memory before the first file is written, so an error leaves the directory as it was;
+    each file then replaces its old version atomically. Other files in `out` are left alone.
+
+    Args:
+        rec: the recommendation (`Recommendation.to_dict()`).
+        out: the directory (created if needed).
+        plots: draw the plots (needs matplotlib); False writes the JSON and the two reports only.
+
+    Returns:
+        The paths written: the JSON, the Markdown and HTML reports, then the plots.
+
+    Raises:
+        TypeError: `rec` is not a dict.
+        ValueError: a required key (`REQUIRED`) is missing.
+        ImportError: `plots` without matplotlib installed (`pip install loraredux[bench]`, or plots=False).
+    """
+    _check(rec)
+    images = render_plots(rec) if plots else {}
+    texts = {
+        "recommendation.json": json.dumps(rec, indent=2) + "\n",
+        "report.md": render_markdown(rec, list(images), str(out)),
+        "report.html": render_html(rec, images, str(out)),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_text_atomic(out / name, text) for name, text in texts.items()]
+    return written + [write_text_atomic(out / name, data) for name, data in images.items()]

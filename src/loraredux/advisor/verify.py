@@ -1,0 +1,155 @@
+"""`loraredux advise --verify`: train the recommended configuration against plain LoRA and one or two alternatives on
+the user's task, with the same data, seed, steps and learning rate, and report the comparison.
+
+The runs (each one a fresh model from `tasks.build_task`, adapted by `tasks.adapt_for_task`, trained by
+`train.fit`, exactly as `loraredux train` does):
+    advised          the recommendation: its method, ranks (rank and alpha patterns), init and optimizer
+    lora             plain LoRA r = 8, alpha = 16, kaiming, AdamW: what a user would run without advice
+    uniform rank     the advised method, init and optimizer at one rank for every layer, chosen so the trainable
+                     count is closest to the advised pattern's (only when there is a pattern): does the pattern help?
+    kaiming          the advised ranks from B = 0 with AdamW (only when the advised init or optimizer differ): do they?
+    dora             DoRA r = 8 (when no other alternative applies)
+A run identical to an earlier one is not trained twice.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from .recommend import Recommendation
+
+__all__ = ["verify"]
+
+
+def _runs(rec: Recommendation) -> list[dict[str, Any]]:
+    import loraredux as lx
+
+    advised = {
+        "name": "advised",
+        "config": rec.config().to_dict(),
+        "rank_pattern": rec.rank_pattern,
+        "alpha_pattern": rec.alpha_pattern,
+        "optimizer": rec.optimizer,
+    }
+    lora = {
+        "name": "lora",
+        "config": lx.config("lora", rank=8, alpha=16.0).to_dict(),
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "optimizer": "adamw",
+    }
+    runs = [advised, lora]
+    alternatives = []
+    has_rank = "rank" in advised["config"]
+    if rec.rank_pattern and has_rank:
+        target = sum(a.rank * sum(a.shape) for a in rec.layers.values())
+        per_rank = sum(sum(a.shape) for a in rec.layers.values())
+        uniform = max(1, round(target / per_rank))
+        alternatives.append({
+            **advised,
+            "name": f"uniform rank {uniform}",
+            "config": {**advised["config"], "rank": uniform, "alpha": 2.0 * uniform},
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        })  # fmt: skip
+    if has_rank and (advised["config"].get("init") != "kaiming" or rec.optimizer != "adamw"):
+        alternatives.append({
+            **advised, "name": "advised ranks, kaiming", "optimizer": "adamw",
+            "config": {**advised["config"], "init": "kaiming", "init_options": {}},
+        })  # fmt: skip
+    if not alternatives and rec.method != "dora":
+        alternatives.append({**lora, "name": "dora",
+                             "config": lx.config("dora", rank=8, alpha=16.0).to_dict()})  # fmt: skip
+    runs.extend(alternatives[:2])
+    return [r for i, r in enumerate(runs) if not any(_same(r, q) for q in runs[:i])]
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("config", "rank_pattern", "alpha_pattern", "optimizer")
+    return all(a[k] == b[k] for k in keys)
+
+
+def verify(
+    rec: Recommendation,
+    model: str = "minilm",
+    data: str | None = None,
+    *,
+    train_examples: int = 4000,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    calibration_batches: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the runs of the module docstring on a packaged task (or a local folder) and return the comparison,
+    also stored in `rec.verify` (the `verify` entry of recommendation.json).
+
+    Raises:
+        ValueError: what `tasks.build_task` refuses (an unknown model or data set).
+    """
+    import math
+
+    import loraredux as lx
+
+    from ..tasks import adapt_for_task, build_task
+    from ..train import TrainConfig, fit
+
+    results = []
+    metric = higher = None
+    for run in _runs(rec):
+        config = lx.config_from_dict(run["config"])
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        net, task, data_name = build_task(
+            model, data, train_examples=train_examples, batch_size=batch_size,
+            max_length=max_length, seed=seed, progress=False,
+        )  # fmt: skip
+        size = batch_size or (32 if task.kind == "classification" else 8)
+        n_steps = steps or math.ceil(task.train_size / size)
+        rate = lr or (4e-3 if task.kind == "classification" else 5e-4)
+        adapt_for_task(
+            net, config, task, steps=n_steps, targets=rec.targets, exclude=rec.exclude,
+            calibration_batches=calibration_batches, progress=False,
+            rank_pattern=run["rank_pattern"] or None, alpha_pattern=run["alpha_pattern"] or None,
+        )  # fmt: skip
+        if progress:
+            print(f"verify: training {run['name']} ({n_steps} steps)", flush=True)
+        result = fit(
+            net,
+            task.batches,
+            task.loss_fn,
+            TrainConfig(steps=n_steps, lr=rate, warmup_steps=max(1, n_steps // 10), seed=seed),
+            optimizer=lambda _, name=run["optimizer"], net=net, rate=rate: lx.optim.create(
+                name, net, lr=rate
+            ),
+            eval_fn=task.evaluate,
+            progress=progress,
+        )
+        final = result.evals[-1][1]
+        tail = result.losses[-max(1, len(result.losses) // 10) :]
+        metric, higher = task.metric, task.higher_is_better
+        results.append({
+            **run,
+            "lr": rate,
+            "metric": final[task.metric],
+            "train_loss": statistics.fmean(tail),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "trainable": sum(p.numel() for p in lx.trainable_parameters(net).values()),
+        })  # fmt: skip
+        del net
+    rec.verify = {
+        "metric": metric,
+        "higher_is_better": higher,
+        "model": model,
+        "data": data_name,
+        "steps": n_steps,
+        "seed": seed,
+        "runs": results,
+    }
+    return rec.verify

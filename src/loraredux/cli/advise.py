@@ -1,0 +1,224 @@
+"""`loraredux advise`: measure a model on its data and prescribe the adapter configuration, each choice with its
+measured reason (issue 8); `--out DIR` writes recommendation.json, report.md, report.html and plots, `--verify`
+trains the recommendation against plain LoRA."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import UsageError, positive_float, positive_int, targets
+
+__all__ = ["add_advise"]
+
+
+def add_advise(sub: Any) -> None:
+    p = sub.add_parser(
+        "advise",
+        help="measure a model and its data, and recommend rank, init, optimizer, method and base format",
+        description="Measure every target layer (W0's spectrum; the calibration gradient's spectrum, its noise "
+        "from two halves of the batches, the rank that stands above the noise by Gavish-Donoho's threshold, its "
+        "alignment with W0's principal and minor subspaces; the inputs' conditioning) and the memory of training "
+        "at each base format, then recommend rank per layer, init, optimizer, method, base format and serving, "
+        "each with the measured reason. Defaults: MiniLM on Rotten Tomatoes, all linear layers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default="minilm", help="packaged model (minilm, smollm2) or a local HF folder"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="rotten_tomatoes, kjv or chat; default: rotten_tomatoes for minilm, kjv for smollm2",
+    )
+    p.add_argument(
+        "--targets",
+        type=targets,
+        default="all-linear",
+        help="comma-separated module names (suffix match), 'all-linear', or 're:<regex>'",
+    )
+    p.add_argument(
+        "--exclude", type=targets, default=None, help="modules never to adapt, same forms"
+    )
+    p.add_argument(
+        "--calibration-batches",
+        type=positive_int,
+        default=16,
+        help="training batches the gradients are measured on (>= 2: their halves give the noise)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="default 32 (cls) / 8 (LM)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="tokens per example: truncation (cls, default 64) or block size (LM, default 128)",
+    )
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="accelerator memory for training, e.g. 24GiB: decides the base format (bf16, int8, nf4)",
+    )
+    p.add_argument(
+        "--train-batch-size",
+        type=positive_int,
+        default=None,
+        help="the training batch the memory estimate assumes (default: --batch-size)",
+    )
+    p.add_argument(
+        "--train-length",
+        type=positive_int,
+        default=None,
+        help="the sequence length the memory estimate assumes (default: --max-length)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="the training hardware: which attention kernel (fused or not) the activation estimate assumes",
+    )
+    p.add_argument(
+        "--adapters",
+        type=positive_int,
+        default=1,
+        help="how many adapters of this shape will be stored or served (decides sharing and serving)",
+    )
+    p.add_argument("--storage", default=None, help="storage for all the adapters, e.g. 1GiB")
+    p.add_argument(
+        "--min-rank", type=positive_int, default=1, help="the smallest rank a layer gets"
+    )
+    p.add_argument(
+        "--max-rank", type=positive_int, default=64, help="the largest rank a layer gets"
+    )
+    p.add_argument(
+        "--preserve",
+        action="store_true",
+        help="protect the pretrained knowledge: prefer the minor subspace (MiLoRA)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="train the recommendation against plain LoRA r=8 and one or two alternatives, same data and lr",
+    )
+    p.add_argument(
+        "--train-examples",
+        type=positive_int,
+        default=4000,
+        help="--verify: training examples (classification)",
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="--verify: optimizer steps (default one epoch)",
+    )
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="--verify: peak learning rate of every run (default 4e-3 cls, 5e-4 LM)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the data sample, order and new head")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write recommendation.json, report.md, report.html, plots",
+    )
+    p.add_argument("--no-plots", action="store_true", help="with --out: no PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_advise)
+
+
+def _print(rec: Any) -> None:
+    from collections import Counter
+
+    print("\nrecommendation:")
+    for name, choice in rec.choices.items():
+        print(f"  {name:<10} {choice.value!s}")
+        print(f"  {'':<10} {choice.reason}")
+    ranks = Counter(a.rank for a in rec.layers.values())
+    spread = ", ".join(f"r={r}: {n}" for r, n in sorted(ranks.items()))
+    print(f"  layers     {len(rec.layers)} ({spread})")
+    if rec.verify:
+        v = rec.verify
+        print(f"\nverification ({v['metric']}, {v['steps']} steps, same data, seed and lr):")
+        for run in v["runs"]:
+            print(
+                f"  {run['name']:<26} {v['metric']} {run['metric']:.4f}  train loss "
+                f"{run['train_loss']:.4f}  {run['trainable']:>10,} trainable  {run['seconds']:.0f} s"
+            )
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    import torch
+
+    from loraredux import tasks
+    from loraredux.advisor import advise, parse_bytes, verify
+
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+    for name in ("budget", "storage"):
+        try:
+            parse_bytes(getattr(args, name))
+        except ValueError as err:
+            raise UsageError(f"--{name}: {err}") from None
+    if args.max_rank < args.min_rank:
+        raise UsageError(f"--max-rank {args.max_rank} is below --min-rank {args.min_rank}")
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    try:
+        model, task, data = tasks.build_task(
+            args.model, args.data, train_examples=args.train_examples, batch_size=args.batch_size,
+            max_length=args.max_length, seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UsageError(f"--model/--data: {err}") from None
+    target = (
+        args.targets[3:]
+        if isinstance(args.targets, str) and args.targets.startswith("re:")
+        else (args.targets)
+    )
+    batches = [task.batches(i) for i in range(args.calibration_batches)]
+    print(
+        f"model {args.model}, data {data}: measuring the target layers on {len(batches)} calibration batches",
+        flush=True,
+    )
+    rec = advise(
+        model,
+        batches,
+        task.loss_fn,
+        targets=target,
+        exclude=args.exclude,
+        modules_to_save=task.modules_to_save or None,
+        budget=args.budget,
+        batch_size=args.train_batch_size,
+        seq_len=args.train_length,
+        device=args.device,
+        adapters=args.adapters,
+        storage=args.storage,
+        min_rank=args.min_rank,
+        max_rank=args.max_rank,
+        preserve=args.preserve,
+        progress=not args.no_progress,
+    )
+    rec.model_info["name"] = args.model
+    rec.data_info = {**(rec.data_info or {}), "name": data}
+    del model
+    if args.verify:
+        verify(
+            rec, args.model, args.data, train_examples=args.train_examples, steps=args.steps,
+            lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    _print(rec)
+    if args.out is not None:
+        from loraredux.advisor.report import write_report
+
+        written = write_report(rec.to_dict(), args.out, plots=not args.no_plots)
+        print(f"\nwrote {', '.join(p.name for p in written)} to {args.out}/")
+    print(f"({time.perf_counter() - t0:.0f} s in all)")
+    return 0

@@ -1,0 +1,98 @@
+"""`loraredux advise` on the packaged MiniLM, end to end: the recommendation, its report, the verification runs, and
+`loraredux train --recommendation` applying the same file; bad input refused before anything is loaded."""
+
+import json
+
+import pytest
+
+from loraredux.cli import main
+
+
+@pytest.fixture(scope="module")
+def advised(tmp_path_factory):
+    out = tmp_path_factory.mktemp("advise") / "advice"
+    argv = ["advise", "--targets", "query,value", "--calibration-batches", "4", "--batch-size", "8",
+            "--max-length", "32", "--train-examples", "64", "--verify", "--steps", "2", "--budget", "8GiB",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_advise_writes_a_recommendation_that_explains_itself(advised, capsys):
+    rec = json.loads((advised / "recommendation.json").read_text())
+    assert {p.name for p in advised.iterdir()} >= {
+        "recommendation.json", "report.md", "report.html", "spectra.png", "ranks.png", "memory.png",
+    }  # fmt: skip
+    assert len(rec["layers"]) == 12  # query and value of 6 blocks
+    for path, layer in rec["layers"].items():
+        assert path.endswith(("query", "value")) and layer["shape"] == [384, 384]
+        needed = layer["gradient"]["needed_rank"]
+        assert layer["rank"] == min(max(needed, 1), 64)  # the Gavish-Donoho rank, clipped
+        assert layer["gradient"]["noise"] > 0 and layer["gradient"]["threshold"] > 0
+    pattern = rec["adapt"]["rank_pattern"] or {}
+    assert all(rec["layers"][p]["rank"] == r != rec["config"]["rank"] for p, r in pattern.items())
+    for name in ("method", "rank", "alpha", "init", "optimizer", "base", "serving"):
+        assert rec["choices"][name]["reason"]
+    memory = rec["memory"]
+    assert memory["budget_bytes"] == 8 << 30 and memory["chosen"] == rec["choices"]["base"]["value"]
+    assert memory["options"][memory["chosen"]]["fits"]
+    report = (advised / "report.md").read_text()
+    assert rec["choices"]["init"]["reason"] in report
+
+
+@pytest.mark.slow
+def test_verification_trains_the_advice_against_plain_lora(advised):
+    rec = json.loads((advised / "recommendation.json").read_text())
+    runs = {r["name"]: r for r in rec["verify"]["runs"]}
+    assert list(runs)[:2] == ["advised", "lora"] and rec["verify"]["metric"] == "accuracy"
+    # the same head and data: the trainable counts differ by exactly the adapters' ranks
+    per_rank = 384 + 384
+    ranks = [layer["rank"] for layer in rec["layers"].values()]
+    assert runs["advised"]["trainable"] - runs["lora"]["trainable"] == per_rank * (
+        sum(ranks) - 8 * 12
+    )
+    assert all(0.0 <= r["metric"] <= 1.0 for r in runs.values())
+
+
+@pytest.mark.slow
+def test_train_applies_the_recommendation_file(advised, tmp_path):
+    rec = json.loads((advised / "recommendation.json").read_text())
+    out = tmp_path / "run"
+    argv = ["train", "--recommendation", str(advised), "--train-examples", "64", "--eval-examples", "16",
+            "--steps", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"] == rec["config"]
+    assert metrics.get("rank_pattern", {}) == (rec["adapt"]["rank_pattern"] or {})
+    assert metrics["optimizer"] == rec["choices"]["optimizer"]["value"]
+    advised_run = next(r for r in rec["verify"]["runs"] if r["name"] == "advised")
+    assert metrics["trainable_parameters"] == advised_run["trainable"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["advise", "--budget", "24 parsecs"],
+            "--budget: cannot read '24 parsecs' as a memory size",
+        ),
+        (["advise", "--min-rank", "8", "--max-rank", "4"], "--max-rank 4 is below --min-rank 8"),
+        (["train", "--recommendation", "/nonexistent/dir"], "is not a file"),
+    ],
+)
+def test_bad_advice_options_fail_before_loading_anything(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_recommendation_sets_the_method_so_method_flags_clash(tmp_path, capsys):
+    path = tmp_path / "recommendation.json"
+    path.write_text(
+        json.dumps({"config": {"method": "lora", "rank": 4}, "adapt": {"targets": "all-linear"}})
+    )
+    assert main(["train", "--recommendation", str(path), "--rank", "8", "--init", "pissa"]) == 2
+    assert "drop --rank, --init" in capsys.readouterr().err
+    path.write_text("{not json")
+    assert main(["train", "--recommendation", str(path)]) == 2
+    assert "is not a recommendation.json" in capsys.readouterr().err
