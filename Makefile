@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/loraredux train --out runs/demo
+	$(BIN)/loraredux advise --verify --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest

@@ -53,6 +53,10 @@ def test_verification_trains_the_advice_against_plain_lora(advised):
         sum(ranks) - 8 * 12
     )
     assert all(0.0 <= r["metric"] <= 1.0 for r in runs.values())
+    # the memory model against one measured training step of the advised model (fp32, CPU)
+    memory = rec["verify"]["memory"]
+    assert memory["device"] == "cpu" and memory["batch_size"] == 8
+    assert 0.85 <= memory["estimated"] / memory["measured"] <= 1.15
 
 
 @pytest.mark.slow

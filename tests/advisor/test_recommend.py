@@ -97,15 +97,16 @@ def test_planted_ranks_per_layer_are_recovered_and_become_a_rank_pattern():
     assert rec.rank in (2, 8) and set(rec.rank_pattern) == (
         {"a", "b"} - {"a" if rec.rank == 2 else "b"}
     )
-    # every layer keeps the scale alpha / r of the default
-    assert rec.alpha == rules.SCALE * rec.rank
-    assert all(rec.alpha_pattern[p] == rules.SCALE * r for p, r in rec.rank_pattern.items())
+    # rsLoRA with alpha = 2√8: every layer's scale is 2√(8 / r), the default's s = 2 at r = 8
+    assert (
+        rec.alpha == pytest.approx(2 * 8**0.5) and rec.config().rslora and rec.alpha_pattern == {}
+    )
 
     rec.apply_(model, calibration=batches, loss_fn=mse)
     adapters = dict(lx.adapters(model))
     assert adapters["a"].A.shape[0] == 2 and adapters["b"].A.shape[0] == 8
-    assert adapters["a"].scale == pytest.approx(rules.SCALE)
-    assert adapters["b"].scale == pytest.approx(rules.SCALE)
+    assert adapters["a"].scale == pytest.approx(2 * (8 / 2) ** 0.5)
+    assert adapters["b"].scale == pytest.approx(2.0)
 
 
 def test_pure_noise_gets_the_minimal_rank_and_the_plain_init():
@@ -174,7 +175,10 @@ def test_without_data_the_defaults_are_named_as_such():
     assert rec.memory is None and "no transformers config" in rec.choices["base"].reason
     data = rec.to_dict()
     json.dumps(data)  # JSON-ready
-    assert data["config"] == lx.config("lora", rank=8, alpha=16.0, init="kaiming").to_dict()
+    assert (
+        data["config"]
+        == lx.config("lora", rank=8, alpha=2 * 8**0.5, rslora=True, init="kaiming").to_dict()
+    )  # s = alpha / √8 = 2, the default's
     assert data["layers"]["a"]["gradient"] is None
     assert len(data["layers"]["a"]["weight"]["singular_values"]) == D_IN
 
@@ -243,6 +247,17 @@ def test_the_base_format_is_the_widest_that_fits():
     tight = rules.choose_base(totals, 8 << 30)
     assert tight.value == "nf4" and "nothing fits" in tight.reason
     assert rules.choose_base(totals, None, current="bf16").value == "bf16"
+
+
+def test_alpha_gives_every_rank_the_default_step():
+    # s√r stays 2√8 at every rank: with rsLoRA (s = alpha / √r) through one alpha, else (s = alpha / r) per layer
+    for r in (1, 2, 8, 27):
+        assert rules.layer_alpha(r) / r * r**0.5 == pytest.approx(2 * 8**0.5)
+    assert rules.layer_alpha(8) == pytest.approx(16.0)
+    rs = rules.choose_alpha(15, rslora=True)
+    assert rs.value == pytest.approx(2 * 8**0.5) and "rsLoRA" in rs.reason
+    plain = rules.choose_alpha(2, rslora=False)
+    assert plain.value == pytest.approx(8.0) and "alpha pattern" in plain.reason
 
 
 def test_serving_and_the_global_rank():

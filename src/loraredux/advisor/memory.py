@@ -70,7 +70,10 @@ bf16 there). The CUDA rules above follow PyTorch's dispatch conditions; no CUDA 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -527,6 +530,20 @@ def _simulate_step(model: nn.Module, kind: str, batch_size: int, seq_len: int, d
 # ----------------------------------------------------------------------------------------------- measuring
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 points at os.devnull inside (native code's own log lines go nowhere)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def measure_peak_bytes(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
     """The peak memory allocated while `fn()` runs, above what was allocated when it started, in bytes.
 
@@ -563,8 +580,14 @@ def measure_peak_bytes(fn: Callable[[], Any], device: str | torch.device | None 
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # Kineto writes a "profiler_start" line to fd 2
+        prof.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     cpu = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
     events = [
         e

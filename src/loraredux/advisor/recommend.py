@@ -170,9 +170,18 @@ class Recommendation:
         return {p: a.rank for p, a in self.layers.items() if a.rank != self.rank}
 
     @property
+    def rslora(self) -> bool:
+        """Whether the method scales by alpha / √r (then one alpha serves every rank; see `rules.choose_alpha`)."""
+        from ..core import config_class
+
+        return "rslora" in config_class(self.method).__dataclass_fields__
+
+    @property
     def alpha_pattern(self) -> dict[str, float]:
-        """{path: alpha} keeping every layer's scale alpha / r at the config's."""
-        return {p: rules.SCALE * r for p, r in self.rank_pattern.items()}
+        """{path: alpha} for the layers of their own rank, where the method has no rsLoRA scale (else empty)."""
+        if self.rslora:
+            return {}
+        return {p: rules.layer_alpha(r) for p, r in self.rank_pattern.items()}
 
     def config(self) -> Any:
         """The adapter config `lx.adapt_` takes (the per-layer ranks are in `adapt_kwargs`)."""
@@ -181,6 +190,8 @@ class Recommendation:
 
         known = {f for f in config_class(self.method).__dataclass_fields__}
         fields: dict[str, Any] = {"rank": self.rank, "alpha": self.alpha, "init": self.init}
+        if self.rslora:
+            fields["rslora"] = True
         return make_config(self.method, **{k: v for k, v in fields.items() if k in known})
 
     def adapt_kwargs(self) -> dict[str, Any]:
@@ -298,7 +309,8 @@ def advise(
             weights only, and the rank and init fall back to defaults, saying so.
         loss_fn: `(model, batch) -> scalar loss` (default: `model(**batch).loss`).
         targets, exclude: the layers to adapt, as `lx.adapt_` takes them.
-        modules_to_save: modules trained in full (a new classification head).
+        modules_to_save: modules trained in full (a new classification head): the gradient then passes through
+            that newly drawn head, so the init is not read from it (kaiming).
         budget: the accelerator memory for training, bytes or a size such as "24GiB"; decides the base format.
         batch_size, seq_len: the training shape for the memory estimate (default: the calibration batches').
         device: the training hardware, "cuda" or "cpu" (which attention kernel the activation estimate assumes).
@@ -340,7 +352,7 @@ def advise(
     for p in paths:
         m = measurements[p]
         r = rules.layer_rank(m, min_rank=min_rank, max_rank=max_rank, limit=min(shapes[p]))
-        i = rules.layer_init(m, r.value, preserve=preserve)
+        i = rules.layer_init(m, r.value, preserve=preserve, new_head=bool(modules_to_save))
         layers[p] = LayerAdvice(p, shapes[p], r.value, i.value, r.reason, i.reason, m)
 
     ranks = {p: a.rank for p, a in layers.items()}
@@ -389,11 +401,8 @@ def advise(
         )
     base_bytes = memory[base.value]["base"] if memory is not None else None
     serving = rules.choose_serving(adapters, base_bytes)
-    alpha = Choice(
-        rules.SCALE * rank.value,
-        f"alpha {rules.SCALE * rank.value:g} = {rules.SCALE:g} x rank, and the same per layer in the alpha "
-        f"pattern: every layer keeps the scale alpha / r = {rules.SCALE:g} of the tuned default (r = 8, "
-        "alpha = 16), so the default learning rate carries over",
+    alpha = rules.choose_alpha(
+        rank.value, "rslora" in core.config_class(method.value).__dataclass_fields__
     )
     choices = {"method": method, "rank": rank, "alpha": alpha, "init": init,
                "optimizer": optimizer, "base": base, "serving": serving}  # fmt: skip
@@ -446,7 +455,6 @@ def _memory(
         "exclude": exclude,
         "modules_to_save": modules_to_save,
         "rank_pattern": pattern or None,
-        "alpha_pattern": {p: rules.SCALE * r for p, r in pattern.items()} or None,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "device": device,
@@ -454,7 +462,7 @@ def _memory(
     if batch_size is None or seq_len is None:
         common.pop("batch_size")
         common.pop("seq_len")
-    fields = {"rank": rank, "alpha": rules.SCALE * rank}
+    fields = {"rank": rank, "alpha": rules.choose_alpha(rank, True).value, "rslora": True}
     options: dict[str, dict[str, Any]] = {}
     for fmt in formats:
         est = estimate_memory(model.config, base=fmt, method="lora", method_fields=fields, **common)

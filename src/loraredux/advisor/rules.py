@@ -4,7 +4,8 @@ Every rule takes what `measure.py` / `model.py` / `memory.py` measured and retur
 sentence that gives the numbers it rests on and, where one exists, the benchmark that backs it (BENCHMARKS.md).
 The thresholds are module constants, so a reader sees each in one place:
 
-Per layer (TAXONOMY §6.2, §6.3):
+Per layer (TAXONOMY §6.2, §6.3; with a newly drawn head trained in full, the gradient passes through that random
+head, so the init is kaiming whatever the gradient shows):
     rank   the Gavish-Donoho rank of the mean calibration gradient at its measured noise (the number of singular
            values that stand above the optimal hard threshold τ), clipped to [min_rank, max_rank]; without
            gradients `DEFAULT_RANK`.
@@ -22,8 +23,13 @@ Per layer (TAXONOMY §6.2, §6.3):
            spends rank").
 
 Global (TAXONOMY §6.4-§6.6):
-    rank, alpha   the most common layer rank (the others go to a rank pattern); alpha = `SCALE` x rank per layer,
-                  so every layer keeps the scale s = alpha / r = 2 of the tuned default (r = 8, alpha = 16).
+    rank, alpha   the most common layer rank (the others go to a rank pattern); rsLoRA's scale s = alpha / √r with
+                  alpha = 2√8, so a layer of any rank r gets s = 2√(8 / r): the tuned default's s = 2 at r = 8
+                  (r = 8, alpha = 16), and under Adam the same size of step at every rank (each entry of B moves
+                  about lr a step, and s B A sums r of them: s√r is what must stay fixed). With s = alpha / r fixed
+                  instead (alpha = 2r), a larger rank steps harder: MiniLM on all its linear layers at r = 15 reached
+                  0.741 that way against 0.782 with rsLoRA, and collapsed to the majority guess in a longer run
+                  (BENCHMARKS.md, the advisor). A method without rsLoRA gets alpha 2√(8 r) per layer, the same s.
     init          the layers' init weighted by their parameter count.
     optimizer     lora_rite (gauge-invariant, Adam-like) when most measured layers need an ill-conditioned update
                   well above the noise: the kept singular values above STRONG x τ span a ratio >= ILL_CONDITIONED.
@@ -54,16 +60,19 @@ __all__ = [
     "DEFAULT_RANK",
     "DORA_MAX_RANK",
     "ILL_CONDITIONED",
-    "SCALE",
+    "REFERENCE_ALPHA",
+    "REFERENCE_RANK",
     "SHARP",
     "STRONG",
     "Choice",
+    "choose_alpha",
     "choose_base",
     "choose_init",
     "choose_method",
     "choose_optimizer",
     "choose_rank",
     "choose_serving",
+    "layer_alpha",
     "layer_init",
     "layer_rank",
 ]
@@ -78,8 +87,8 @@ STRONG = 3.0
 ILL_CONDITIONED = 10.0
 #: the rank without calibration data: the tuned default of `loraredux train` (README)
 DEFAULT_RANK = 8
-#: alpha = SCALE x rank: the scale s = alpha / r of the tuned default (r = 8, alpha = 16)
-SCALE = 2.0
+#: the tuned default of `loraredux train` (README): its scale s = alpha / r = 2 at rank 8 is what every rank keeps
+REFERENCE_RANK, REFERENCE_ALPHA = 8, 16.0
 #: DoRA only when the layers need at most this rank
 DORA_MAX_RANK = 2
 
@@ -144,9 +153,19 @@ def _top(m: LayerMeasurement) -> float:
     return float(m.gradient_values[0]) if m.gradient_values is not None else 0.0
 
 
-def layer_init(m: LayerMeasurement, rank: int, *, preserve: bool = False) -> Choice:
+def layer_init(
+    m: LayerMeasurement, rank: int, *, preserve: bool = False, new_head: bool = False
+) -> Choice:
     """The layer's init from where its gradient lies (see the module docstring); `preserve` asks to keep the
-    pretrained knowledge (MiLoRA's minor subspace) whenever the gradient holds any signal."""
+    pretrained knowledge (MiLoRA's minor subspace) whenever the gradient holds any signal; `new_head`: the loss
+    passes through a newly drawn head trained in full, so the gradient's subspace is not evidence (kaiming)."""
+    if new_head and not preserve:
+        return Choice(
+            "kaiming",
+            "kaiming (B = 0): the loss passes through a newly drawn head, so the gradient at W0 points where "
+            "that random head pulls, not where the task's update lies (MiniLM on Rotten Tomatoes: a LoRA-One "
+            "start from it ended at the majority guess, 0.578, where B = 0 learned)",
+        )
     if m.gradient is None:
         if preserve:
             return Choice(
@@ -200,6 +219,33 @@ def layer_init(m: LayerMeasurement, rank: int, *, preserve: bool = False) -> Cho
 
 
 # ------------------------------------------------------------------------------------------------- global
+
+
+def layer_alpha(rank: int) -> float:
+    """The alpha that gives a rank-`rank` layer (scale s = alpha / r) the step size of the tuned default:
+    s = (REFERENCE_ALPHA / REFERENCE_RANK) √(REFERENCE_RANK / r), so alpha = (REFERENCE_ALPHA / REFERENCE_RANK)
+    √(REFERENCE_RANK r), 16 at rank 8."""
+    return REFERENCE_ALPHA / REFERENCE_RANK * math.sqrt(REFERENCE_RANK * rank)
+
+
+def choose_alpha(rank: int, rslora: bool) -> Choice:
+    """The config's alpha: with rsLoRA (s = alpha / √r) one alpha for every layer, else `layer_alpha(rank)` (and
+    the others in an alpha pattern); see the module docstring."""
+    s_ref = REFERENCE_ALPHA / REFERENCE_RANK
+    why = (
+        f"every layer of rank r then gets s = {s_ref:g}√({REFERENCE_RANK}/r): the tuned default's s = {s_ref:g} "
+        f"(r = {REFERENCE_RANK}, alpha = {REFERENCE_ALPHA:g}) at r = {REFERENCE_RANK}, and under Adam the same "
+        "size of step at any rank; with alpha = 2r instead, a larger rank steps harder (MiniLM all-linear r = 15: "
+        "0.741 against 0.782 with rsLoRA)"
+    )
+    if rslora:
+        alpha = s_ref * math.sqrt(REFERENCE_RANK)
+        return Choice(alpha, f"alpha {alpha:.4g} with rsLoRA's scale s = alpha / √r: {why}")
+    alpha = layer_alpha(rank)
+    return Choice(
+        alpha,
+        f"alpha {alpha:.4g} = {s_ref:g}√({REFERENCE_RANK} x {rank}), per layer in the alpha pattern: {why}",
+    )
 
 
 def choose_rank(ranks: Mapping[str, int]) -> Choice:

@@ -10,16 +10,24 @@ The runs (each one a fresh model from `tasks.build_task`, adapted by `tasks.adap
     kaiming          the advised ranks from B = 0 with AdamW (only when the advised init or optimizer differ): do they?
     dora             DoRA r = 8 (when no other alternative applies)
 A run identical to an earlier one is not trained twice.
+
+The memory model is checked on the way: before the advised run trains, one training step (forward, loss, backward,
+optimizer step) of a copy of its model is measured (`memory.measure_peak_bytes`, on the CPU or the GPU the model is
+on) and set against `memory.estimate_memory` for the same configuration, batch shape and device, in fp32 (the
+packaged models load in fp32). Both go to `verify["memory"]`.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any
 
 import torch
+from torch import nn
 
+from . import rules
 from .recommend import Recommendation
 
 __all__ = ["verify"]
@@ -52,7 +60,11 @@ def _runs(rec: Recommendation) -> list[dict[str, Any]]:
         alternatives.append({
             **advised,
             "name": f"uniform rank {uniform}",
-            "config": {**advised["config"], "rank": uniform, "alpha": 2.0 * uniform},
+            "config": {
+                **advised["config"],
+                "rank": uniform,
+                "alpha": advised["config"]["alpha"] if rec.rslora else rules.layer_alpha(uniform),
+            },
             "rank_pattern": {},
             "alpha_pattern": {},
         })  # fmt: skip
@@ -71,6 +83,45 @@ def _runs(rec: Recommendation) -> list[dict[str, Any]]:
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     keys = ("config", "rank_pattern", "alpha_pattern", "optimizer")
     return all(a[k] == b[k] for k in keys)
+
+
+def _memory_check(
+    rec: Recommendation, net: nn.Module, task: Any, batch: dict[str, Any], optimizer: str, lr: float,
+    kind: str,
+) -> dict[str, Any]:  # fmt: skip
+    """One training step of a copy of `net` measured, against the memory model's estimate (module docstring)."""
+    import loraredux as lx
+
+    from .memory import estimate_memory, measure_peak_bytes
+
+    device = next(net.parameters()).device
+    clone = copy.deepcopy(net).train()
+    opt = lx.optim.create(optimizer, clone, lr=lr)
+
+    def step() -> None:
+        task.loss_fn(clone, batch).backward()
+        opt.step()
+
+    held = sum(t.numel() * t.element_size() for t in [*clone.parameters(), *clone.buffers()])
+    measured = held + measure_peak_bytes(step, device)
+    batch_size, seq_len = batch["input_ids"].shape
+    cfg = lx.config_from_dict(rec.config().to_dict())
+    fields = {k: v for k, v in cfg.to_dict().items() if k in ("rank", "alpha", "rslora")}
+    estimate = estimate_memory(
+        net.config, kind=kind, base="fp32", method=cfg.method, method_fields=fields,
+        targets=rec.targets, exclude=rec.exclude, modules_to_save=rec.modules_to_save,
+        rank_pattern=rec.rank_pattern or None, alpha_pattern=rec.alpha_pattern or None,
+        optimizer=optimizer if optimizer in ("adamw", "sgd") else "adamw",
+        batch_size=int(batch_size), seq_len=int(seq_len), device=device.type,
+    )  # fmt: skip
+    return {
+        "device": device.type,
+        "batch_size": int(batch_size),
+        "seq_len": int(seq_len),
+        "estimated": estimate.total_bytes,
+        "measured": measured,
+        "ratio": estimate.total_bytes / measured,
+    }
 
 
 def verify(
@@ -101,7 +152,7 @@ def verify(
     from ..train import TrainConfig, fit
 
     results = []
-    metric = higher = None
+    metric = higher = memory = None
     for run in _runs(rec):
         config = lx.config_from_dict(run["config"])
         torch.manual_seed(seed)
@@ -118,8 +169,11 @@ def verify(
             calibration_batches=calibration_batches, progress=False,
             rank_pattern=run["rank_pattern"] or None, alpha_pattern=run["alpha_pattern"] or None,
         )  # fmt: skip
-        if progress:
-            print(f"verify: training {run['name']} ({n_steps} steps)", flush=True)
+        if run["name"] == "advised":
+            memory = _memory_check(
+                rec, net, task, task.batches(0), run["optimizer"], rate, task.kind
+            )
+        print(f"verify: training {run['name']} ({n_steps} steps)", flush=True)
         result = fit(
             net,
             task.batches,
@@ -151,5 +205,6 @@ def verify(
         "steps": n_steps,
         "seed": seed,
         "runs": results,
+        "memory": memory,
     }
     return rec.verify

@@ -22,7 +22,7 @@ def add_advise(sub: Any) -> None:
         "from two halves of the batches, the rank that stands above the noise by Gavish-Donoho's threshold, its "
         "alignment with W0's principal and minor subspaces; the inputs' conditioning) and the memory of training "
         "at each base format, then recommend rank per layer, init, optimizer, method, base format and serving, "
-        "each with the measured reason. Defaults: MiniLM on Rotten Tomatoes, all linear layers.",
+        "each with the measured reason. Defaults: MiniLM on Rotten Tomatoes, its query and value layers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -36,8 +36,9 @@ def add_advise(sub: Any) -> None:
     p.add_argument(
         "--targets",
         type=targets,
-        default="all-linear",
-        help="comma-separated module names (suffix match), 'all-linear', or 're:<regex>'",
+        default=None,
+        help="comma-separated module names (suffix match), 'all-linear', or 're:<regex>'; default: as "
+        "`loraredux train`, query,value (BERT) or q_proj,v_proj (Llama)",
     )
     p.add_argument(
         "--exclude", type=targets, default=None, help="modules never to adapt, same forms"
@@ -177,11 +178,9 @@ def _cmd_advise(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"--model/--data: {err}") from None
-    target = (
-        args.targets[3:]
-        if isinstance(args.targets, str) and args.targets.startswith("re:")
-        else (args.targets)
-    )
+    target = args.targets or task.default_targets
+    if isinstance(target, str) and target.startswith("re:"):
+        target = target[3:]
     batches = [task.batches(i) for i in range(args.calibration_batches)]
     print(
         f"model {args.model}, data {data}: measuring the target layers on {len(batches)} calibration batches",
