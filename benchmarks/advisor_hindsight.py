@@ -110,7 +110,8 @@ def sp_rows(directory: Path) -> list[dict[str, Any]]:
 
 def classify_rows(directory: Path, calibration_batches: int = 16) -> list[dict[str, Any]]:
     """The advisor on the classify suite's problem (MiniLM query/value, its training batches), scored on the
-    configurations the store holds (rank 8 throughout: the per-layer ranks are not stored; `--verify` tests them)."""
+    configurations the store holds: its method, init and optimizer, at the store's rank 8 and alpha 8 (the
+    per-layer ranks and the rsLoRA scale are not stored; `loraredux advise --verify` trains them)."""
     from loraredux import tasks
     from loraredux.advisor import advise
     from loraredux.bench.suites.real import CLASSIFY_DEFAULTS
@@ -135,7 +136,8 @@ def classify_rows(directory: Path, calibration_batches: int = 16) -> list[dict[s
             batches = [task.batches(i) for i in range(calibration_batches)]
             rec = advise(model, batches, task.loss_fn, targets=task.default_targets,
                          modules_to_save=task.modules_to_save)  # fmt: skip
-            init = rec.init if rec.method == "lora" else "-"
+            # the store names LoRA's default init "-" (B = 0, as kaiming)
+            init = rec.init if rec.method == "lora" and rec.init != "kaiming" else "-"
             pick_key = ("classify", key, rec.method, init, rec.optimizer, "8")
             row = _score(best, key, pick_key, "max")
             ranks = Counter(a.rank for a in rec.layers.values())
@@ -149,6 +151,10 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else (f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}")
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.4g}" if x < 1e4 else f"{x:.2e}")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| problem | seeds | pick (method, init, optimizer, rank) | pick's result | best in hindsight | "
              "best's result | within 1 point | ratio |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -159,7 +165,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         within = {True: "yes", False: "**no**", None: "not stored"}[r["within"]]
         lines.append(
             f"| {r['problem']} | {','.join(seeds)} | {', '.join(r['pick'])} | {_fmt(r['value'])} | "
-            f"{', '.join(r['best'])} | {_fmt(r['best_value'])} | {within} | {_fmt(r.get('ratio'))} |"
+            f"{', '.join(r['best'])} | {_fmt(r['best_value'])} | {within} | {_ratio(r.get('ratio'))} |"
         )
     return "\n".join(lines)
 
@@ -171,8 +177,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
     ratios = [r["ratio"] for r in scored]
     median = statistics.median(ratios) if ratios else None
     return (f"{hits} of {len(scored)} picks (problem x seed) within 1 point of the best in hindsight, {close} within "
-            f"1% by ratio ({len(rows) - len(scored)} not in the store); pick / best: median {_fmt(median)}, "
-            f"largest {_fmt(max(ratios) if ratios else None)}")  # fmt: skip
+            f"1% by ratio ({len(rows) - len(scored)} not in the store); pick / best: median {_ratio(median)}, "
+            f"largest {_ratio(max(ratios) if ratios else None)}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -447,6 +447,16 @@ def _verify(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
     head = ["run", "configuration", metric, "train loss", "seconds", "trainable params"]
     blocks: list[Block] = [("h2", "Verification"), ("p", text), ("table", head, rows)]
     blocks.append(("p", _comparison(rec)))
+    memory = verify.get("memory")
+    if memory and _is_number(memory.get("measured")) and memory["measured"] > 0:
+        blocks.append((
+            "p",
+            f"The memory model, checked on the way: one training step of the advised model (batch "
+            f"{memory.get('batch_size')} × {memory.get('seq_len')} tokens, fp32, {memory.get('device')}) "
+            f"measured {format_bytes(memory['measured'])} (weights included); the estimate for the same "
+            f"configuration is {format_bytes(memory.get('estimated'))}, "
+            f"{memory.get('estimated') / memory['measured']:.3f} times the measurement.",
+        ))  # fmt: skip
     return blocks + (
         [("image", "verify.png", CAPTIONS["verify.png"])] if "verify.png" in available else []
     )

@@ -163,8 +163,8 @@ def layer_init(
         return Choice(
             "kaiming",
             "kaiming (B = 0): the loss passes through a newly drawn head, so the gradient at W0 points where "
-            "that random head pulls, not where the task's update lies (MiniLM on Rotten Tomatoes: a LoRA-One "
-            "start from it ended at the majority guess, 0.578, where B = 0 learned)",
+            "that random head pulls, not where the task's update lies (MiniLM on Rotten Tomatoes, all linear "
+            "layers: a LoRA-One start from it ended at the majority guess, 0.578, where B = 0 reached 0.782)",
         )
     if m.gradient is None:
         if preserve:

@@ -139,7 +139,8 @@ def _print(rec: Any) -> None:
 
     print("\nrecommendation:")
     for name, choice in rec.choices.items():
-        print(f"  {name:<10} {choice.value!s}")
+        value = f"{choice.value:.4g}" if isinstance(choice.value, float) else choice.value
+        print(f"  {name:<10} {value}")
         print(f"  {'':<10} {choice.reason}")
     ranks = Counter(a.rank for a in rec.layers.values())
     spread = ", ".join(f"r={r}: {n}" for r, n in sorted(ranks.items()))
@@ -151,6 +152,13 @@ def _print(rec: Any) -> None:
             print(
                 f"  {run['name']:<26} {v['metric']} {run['metric']:.4f}  train loss "
                 f"{run['train_loss']:.4f}  {run['trainable']:>10,} trainable  {run['seconds']:.0f} s"
+            )
+        m = v.get("memory")
+        if m:
+            print(
+                f"  memory model: one training step of the advised model ({m['batch_size']} x {m['seq_len']} "
+                f"tokens, fp32, {m['device']}) measured {m['measured'] / 2**20:.1f} MiB, estimated "
+                f"{m['estimated'] / 2**20:.1f} MiB ({m['estimated'] / m['measured']:.3f} x)"
             )
 
 
