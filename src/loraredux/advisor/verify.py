@@ -130,6 +130,7 @@ def verify(
     data: str | None = None,
     *,
     train_examples: int = 4000,
+    eval_examples: int | None = None,
     steps: int | None = None,
     lr: float | None = None,
     batch_size: int | None = None,
@@ -158,7 +159,7 @@ def verify(
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         net, task, data_name = build_task(
-            model, data, train_examples=train_examples, batch_size=batch_size,
+            model, data, train_examples=train_examples, eval_examples=eval_examples, batch_size=batch_size,
             max_length=max_length, seed=seed, progress=False,
         )  # fmt: skip
         size = batch_size or (32 if task.kind == "classification" else 8)

@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import UsageError, positive_float, positive_int, targets
+from .common import (
+    UsageError,
+    add_task_arguments,
+    build_task,
+    positive_float,
+    positive_int,
+    targets,
+)
 
 __all__ = ["add_advise"]
 
@@ -25,14 +32,7 @@ def add_advise(sub: Any) -> None:
         "each with the measured reason. Defaults: MiniLM on Rotten Tomatoes, its query and value layers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--model", default="minilm", help="packaged model (minilm, smollm2) or a local HF folder"
-    )
-    p.add_argument(
-        "--data",
-        default=None,
-        help="rotten_tomatoes, kjv or chat; default: rotten_tomatoes for minilm, kjv for smollm2",
-    )
+    add_task_arguments(p)
     p.add_argument(
         "--targets",
         type=targets,
@@ -48,15 +48,6 @@ def add_advise(sub: Any) -> None:
         type=positive_int,
         default=16,
         help="training batches the gradients are measured on (>= 2: their halves give the noise)",
-    )
-    p.add_argument(
-        "--batch-size", type=positive_int, default=None, help="default 32 (cls) / 8 (LM)"
-    )
-    p.add_argument(
-        "--max-length",
-        type=positive_int,
-        default=None,
-        help="tokens per example: truncation (cls, default 64) or block size (LM, default 128)",
     )
     p.add_argument(
         "--budget",
@@ -105,12 +96,6 @@ def add_advise(sub: Any) -> None:
         help="train the recommendation against plain LoRA r=8 and one or two alternatives, same data and lr",
     )
     p.add_argument(
-        "--train-examples",
-        type=positive_int,
-        default=4000,
-        help="--verify: training examples (classification)",
-    )
-    p.add_argument(
         "--steps",
         type=positive_int,
         default=None,
@@ -122,7 +107,6 @@ def add_advise(sub: Any) -> None:
         default=None,
         help="--verify: peak learning rate of every run (default 4e-3 cls, 5e-4 LM)",
     )
-    p.add_argument("--seed", type=int, default=0, help="the data sample, order and new head")
     p.add_argument(
         "--out",
         type=Path,
@@ -130,7 +114,6 @@ def add_advise(sub: Any) -> None:
         help="write recommendation.json, report.md, report.html, plots",
     )
     p.add_argument("--no-plots", action="store_true", help="with --out: no PNG plots")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_advise)
 
 
@@ -165,7 +148,6 @@ def _print(rec: Any) -> None:
 def _cmd_advise(args: argparse.Namespace) -> int:
     import torch
 
-    from loraredux import tasks
     from loraredux.advisor import advise, parse_bytes, verify
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -179,13 +161,7 @@ def _cmd_advise(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-rank {args.max_rank} is below --min-rank {args.min_rank}")
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    try:
-        model, task, data = tasks.build_task(
-            args.model, args.data, train_examples=args.train_examples, batch_size=args.batch_size,
-            max_length=args.max_length, seed=args.seed, progress=not args.no_progress,
-        )  # fmt: skip
-    except ValueError as err:
-        raise UsageError(f"--model/--data: {err}") from None
+    model, task, data = build_task(args)
     target = args.targets or task.default_targets
     if isinstance(target, str) and target.startswith("re:"):
         target = target[3:]
@@ -217,7 +193,8 @@ def _cmd_advise(args: argparse.Namespace) -> int:
     del model
     if args.verify:
         verify(
-            rec, args.model, args.data, train_examples=args.train_examples, steps=args.steps,
+            rec, args.model, args.data, train_examples=args.train_examples,
+            eval_examples=args.eval_examples, steps=args.steps,
             lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
             progress=not args.no_progress,
         )  # fmt: skip

@@ -8,7 +8,16 @@ import logging
 import math
 from typing import Any
 
-__all__ = ["UsageError", "field_value", "log", "positive_float", "positive_int", "targets"]
+__all__ = [
+    "UsageError",
+    "add_task_arguments",
+    "build_task",
+    "field_value",
+    "log",
+    "positive_float",
+    "positive_int",
+    "targets",
+]
 
 log = logging.getLogger("loraredux")
 
@@ -47,3 +56,64 @@ def targets(text: str) -> str | list[str]:
         if text == "all-linear" or text.startswith("re:")
         else [t for t in text.split(",") if t]
     )
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that pick a packaged task (model, data, batch shape, sample, seed), shared by `train` and
+    `advise`; `build_task(args)` reads them."""
+    p.add_argument(
+        "--model", default="minilm", help="packaged model (minilm, smollm2) or a local HF folder"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="rotten_tomatoes (classification), kjv or chat (language modelling); default: rotten_tomatoes for "
+        "minilm, kjv for smollm2",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="default 32 (cls) / 8 (LM)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="tokens per example: truncation (cls, default 64) or block size (LM, default 128)",
+    )
+    p.add_argument(
+        "--train-examples",
+        type=positive_int,
+        default=4000,
+        help="training examples drawn from the split (classification)",
+    )
+    p.add_argument(
+        "--eval-examples",
+        type=positive_int,
+        default=None,
+        help="test snippets (classification, default 1000) or held-out blocks (LM, default 32)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the data sample and order, the new head, the adapter init",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, task, data name) from `add_task_arguments`' options; a bad model or data set is a usage error."""
+    from loraredux import tasks
+
+    try:
+        return tasks.build_task(
+            args.model,
+            args.data,
+            train_examples=args.train_examples,
+            eval_examples=args.eval_examples,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except ValueError as err:
+        raise UsageError(f"--model/--data: {err}") from None

@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import UsageError, field_value, positive_float, positive_int, targets
+from .common import (
+    UsageError,
+    add_task_arguments,
+    build_task,
+    field_value,
+    positive_float,
+    positive_int,
+    targets,
+)
 
 __all__ = ["add_train"]
 
@@ -22,15 +30,7 @@ def add_train(sub: Any) -> None:
         "query/value plus the classifier head, one epoch over 4,000 snippets (a few minutes on 2 cores).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--model", default="minilm", help="packaged model (minilm, smollm2) or a local HF folder"
-    )
-    p.add_argument(
-        "--data",
-        default=None,
-        help="rotten_tomatoes (classification), kjv or chat (language "
-        "modelling); default: rotten_tomatoes for minilm, kjv for smollm2",
-    )
+    add_task_arguments(p)
     p.add_argument(
         "--method",
         default="lora",
@@ -125,55 +125,12 @@ def add_train(sub: Any) -> None:
         help="peak learning rate (warmup + cosine); default 4e-3 classification, 5e-4 LM",
     )
     p.add_argument(
-        "--batch-size", type=positive_int, default=None, help="default 32 (cls) / 8 (LM)"
-    )
-    p.add_argument(
-        "--max-length",
-        type=positive_int,
-        default=None,
-        help="tokens per example: truncation (cls, default 64) or block size (LM, default 128)",
-    )
-    p.add_argument(
-        "--train-examples",
-        type=positive_int,
-        default=4000,
-        help="training examples drawn from the split (classification)",
-    )
-    p.add_argument(
-        "--eval-examples",
-        type=positive_int,
-        default=None,
-        help="test snippets (classification, default 1000) or held-out blocks (LM, default 32)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed for the adapter init and the data order"
-    )
-    p.add_argument(
         "--out",
         type=Path,
         default=None,
         help="write the adapter (PEFT format) and metrics.json here",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_train)
-
-
-def _build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from loraredux import tasks
-
-    try:
-        return tasks.build_task(
-            args.model,
-            args.data,
-            train_examples=args.train_examples,
-            eval_examples=args.eval_examples,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-    except ValueError as err:
-        raise UsageError(f"--model/--data: {err}") from None
 
 
 def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -264,7 +221,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    model, task, data = _build_task(args)
+    model, task, data = build_task(args)
     targets = args.targets or task.default_targets
     if isinstance(targets, str) and targets.startswith("re:"):
         targets = targets[3:]
