@@ -166,6 +166,23 @@ def test_a_sharp_gradient_outside_w0s_subspaces_gets_a_gradient_start():
         rec.apply_(TwoBranches(decaying_weight(g), decaying_weight(g)))
 
 
+def test_many_adapters_over_little_storage_share_one_basis():
+    g = torch.Generator().manual_seed(7)
+    model = TwoBranches(decaying_weight(g), decaying_weight(g))
+    updates = (low_rank(2, g), low_rank(8, g))
+    batches = regression_batches(model, updates, noise=0.5, seed=7)
+    rec = advise(model, batches, mse, targets=["a", "b"], adapters=10_000, storage="10MiB")
+    assert rec.method == "lotr" and "10000 LoRA adapters take" in rec.choices["method"].reason
+    assert rec.choices["serving"].value == "unmerged-multi-adapter"
+    assert rec.optimizer == "adamw"  # the pair optimizers do not train a shared basis
+    kwargs = rec.adapt_kwargs()
+    assert (
+        kwargs["rank_pattern"] is None and kwargs["alpha_pattern"] is None
+    )  # one rank for a shared bank
+    rec.apply_(model)
+    assert {type(a).__name__ for _, a in lx.adapters(model)} == {"LoTR"}
+
+
 def test_without_data_the_defaults_are_named_as_such():
     g = torch.Generator().manual_seed(4)
     model = TwoBranches(decaying_weight(g), decaying_weight(g))

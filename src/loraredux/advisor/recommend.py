@@ -195,13 +195,20 @@ class Recommendation:
         return make_config(self.method, **{k: v for k, v in fields.items() if k in known})
 
     def adapt_kwargs(self) -> dict[str, Any]:
-        """targets, exclude, rank_pattern, alpha_pattern and modules_to_save for `lx.adapt_`."""
-        known = set(self.config().__dataclass_fields__)
+        """targets, exclude, rank_pattern, alpha_pattern and modules_to_save for `lx.adapt_` (no patterns for a
+        shared, cross-layer method: its layers share one rank)."""
+        from ..core import AdapterConfig
+
+        cfg = self.config()
+        known = set(cfg.__dataclass_fields__)
+        per_layer = type(cfg).build_layers is AdapterConfig.build_layers
         return {
             "targets": self.targets,
             "exclude": self.exclude,
-            "rank_pattern": self.rank_pattern or None if "rank" in known else None,
-            "alpha_pattern": self.alpha_pattern or None if "alpha" in known else None,
+            "rank_pattern": (self.rank_pattern or None) if per_layer and "rank" in known else None,
+            "alpha_pattern": (self.alpha_pattern or None)
+            if per_layer and "alpha" in known
+            else None,
             "modules_to_save": self.modules_to_save,
         }
 

@@ -36,11 +36,12 @@ __all__ = ["verify"]
 def _runs(rec: Recommendation) -> list[dict[str, Any]]:
     import loraredux as lx
 
+    kwargs = rec.adapt_kwargs()
     advised = {
         "name": "advised",
         "config": rec.config().to_dict(),
-        "rank_pattern": rec.rank_pattern,
-        "alpha_pattern": rec.alpha_pattern,
+        "rank_pattern": kwargs["rank_pattern"] or {},
+        "alpha_pattern": kwargs["alpha_pattern"] or {},
         "optimizer": rec.optimizer,
     }
     lora = {
@@ -53,7 +54,7 @@ def _runs(rec: Recommendation) -> list[dict[str, Any]]:
     runs = [advised, lora]
     alternatives = []
     has_rank = "rank" in advised["config"]
-    if rec.rank_pattern and has_rank:
+    if advised["rank_pattern"] and has_rank:
         target = sum(a.rank * sum(a.shape) for a in rec.layers.values())
         per_rank = sum(sum(a.shape) for a in rec.layers.values())
         uniform = max(1, round(target / per_rank))
@@ -68,7 +69,8 @@ def _runs(rec: Recommendation) -> list[dict[str, Any]]:
             "rank_pattern": {},
             "alpha_pattern": {},
         })  # fmt: skip
-    if has_rank and (advised["config"].get("init") != "kaiming" or rec.optimizer != "adamw"):
+    init = advised["config"].get("init")
+    if has_rank and "init" in advised["config"] and (init != "kaiming" or rec.optimizer != "adamw"):
         alternatives.append({
             **advised, "name": "advised ranks, kaiming", "optimizer": "adamw",
             "config": {**advised["config"], "init": "kaiming", "init_options": {}},
@@ -110,7 +112,8 @@ def _memory_check(
     estimate = estimate_memory(
         net.config, kind=kind, base="fp32", method=cfg.method, method_fields=fields,
         targets=rec.targets, exclude=rec.exclude, modules_to_save=rec.modules_to_save,
-        rank_pattern=rec.rank_pattern or None, alpha_pattern=rec.alpha_pattern or None,
+        rank_pattern=rec.adapt_kwargs()["rank_pattern"],
+        alpha_pattern=rec.adapt_kwargs()["alpha_pattern"],
         optimizer=optimizer if optimizer in ("adamw", "sgd") else "adamw",
         batch_size=int(batch_size), seq_len=int(seq_len), device=device.type,
     )  # fmt: skip
