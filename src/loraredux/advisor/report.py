@@ -120,6 +120,8 @@ def _check(rec: Any) -> None:
 
 
 def _value(x: Any) -> str:
+    if isinstance(x, float):
+        return format_number(x, 4)
     return x if isinstance(x, str) else json.dumps(x)
 
 
