@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 
 from loraredux.cli import main
 
@@ -100,3 +101,25 @@ def test_a_recommendation_sets_the_method_so_method_flags_clash(tmp_path, capsys
     path.write_text("{not json")
     assert main(["train", "--recommendation", str(path)]) == 2
     assert "is not a recommendation.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_verify_over_a_learning_rate_grid_compares_each_at_its_best(tmp_path, capsys):
+    import loraredux as lx
+    from loraredux import tasks
+    from loraredux.advisor import verify
+
+    torch.manual_seed(0)
+    model, task, _ = tasks.build_task("minilm", train_examples=32, eval_examples=16, batch_size=8,
+                                      max_length=16, progress=False)  # fmt: skip
+    rec = lx.advise(model, [task.batches(i) for i in range(4)], task.loss_fn,
+                    targets=["query"], modules_to_save=task.modules_to_save)  # fmt: skip
+    out = verify(rec, "minilm", train_examples=32, eval_examples=16, steps=1, lr=[1e-30, 1e-3],
+                 batch_size=8, max_length=16, progress=False)  # fmt: skip
+    assert out["lrs"] == ["1e-30", "0.001"]
+    for run in out["runs"]:
+        assert set(run["sweep"]) == {"1e-30", "0.001"}
+        assert run["metric"] == max(run["sweep"].values())  # accuracy: higher is better
+        assert run["sweep"][format(run["lr"], "g")] == run["metric"]
+    with pytest.raises(ValueError, match="lr must be a number > 0"):
+        verify(rec, "minilm", lr=[])

@@ -398,6 +398,9 @@ def _run_summary(run: Mapping[str, Any]) -> str:
         parts.append(str(run["optimizer"]))
     if run.get("lr") is not None:
         parts.append(f"lr {run['lr']:g}")
+    if run.get("sweep"):
+        grid = "; ".join(f"{lr}: {format_number(v, 4)}" for lr, v in run["sweep"].items())
+        parts.append(f"best of lr {grid}")
     return ", ".join(parts)
 
 

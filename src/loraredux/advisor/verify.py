@@ -9,7 +9,8 @@ The runs (each one a fresh model from `tasks.build_task`, adapted by `tasks.adap
                      count is closest to the advised pattern's (only when there is a pattern): does the pattern help?
     kaiming          the advised ranks from B = 0 with AdamW (only when the advised init or optimizer differ): do they?
     dora             DoRA r = 8 (when no other alternative applies)
-A run identical to an earlier one is not trained twice.
+A run identical to an earlier one is not trained twice. With a grid of learning rates (`lr=[...]`, `--lr 2e-3,4e-3`)
+each configuration trains at each rate and is compared at its best, as the benchmark suites compare methods.
 
 The memory model is checked on the way: before the advised run trains, one training step (forward, loss, backward,
 optimizer step) of a copy of its model is measured (`memory.measure_peak_bytes`, on the CPU or the GPU the model is
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -127,6 +129,55 @@ def _memory_check(
     }
 
 
+def _train(
+    run: dict[str, Any], rec: Recommendation, build: dict[str, Any], steps: int | None, lr: float | None,
+    calibration_batches: int, seed: int, progress: bool, check_memory: bool,
+) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:  # fmt: skip
+    """One run at one learning rate: (its result, the task, the memory check or None)."""
+    import math
+
+    import loraredux as lx
+
+    from ..tasks import adapt_for_task, build_task
+    from ..train import TrainConfig, fit
+
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    net, task, data_name = build_task(**build, seed=seed, progress=False)
+    size = build["batch_size"] or (32 if task.kind == "classification" else 8)
+    n_steps = steps or math.ceil(task.train_size / size)
+    rate = lr or (4e-3 if task.kind == "classification" else 5e-4)
+    adapt_for_task(
+        net, lx.config_from_dict(run["config"]), task, steps=n_steps, targets=rec.targets,
+        exclude=rec.exclude, calibration_batches=calibration_batches, progress=False,
+        rank_pattern=run["rank_pattern"] or None, alpha_pattern=run["alpha_pattern"] or None,
+    )  # fmt: skip
+    memory = None
+    if check_memory:
+        memory = _memory_check(rec, net, task, task.batches(0), run["optimizer"], rate, task.kind)
+    print(f"verify: training {run['name']} at lr {rate:g} ({n_steps} steps)", flush=True)
+    result = fit(
+        net,
+        task.batches,
+        task.loss_fn,
+        TrainConfig(steps=n_steps, lr=rate, warmup_steps=max(1, n_steps // 10), seed=seed),
+        optimizer=lambda _: lx.optim.create(run["optimizer"], net, lr=rate),
+        eval_fn=task.evaluate,
+        progress=progress,
+    )
+    tail = result.losses[-max(1, len(result.losses) // 10) :]
+    out = {
+        "lr": rate,
+        "metric": result.evals[-1][1][task.metric],
+        "train_loss": statistics.fmean(tail),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "trainable": sum(p.numel() for p in lx.trainable_parameters(net).values()),
+        "steps": n_steps,
+        "data": data_name,
+    }
+    return out, task, memory
+
+
 def verify(
     rec: Recommendation,
     model: str = "minilm",
@@ -135,7 +186,7 @@ def verify(
     train_examples: int = 4000,
     eval_examples: int | None = None,
     steps: int | None = None,
-    lr: float | None = None,
+    lr: float | Sequence[float] | None = None,
     batch_size: int | None = None,
     max_length: int | None = None,
     calibration_batches: int = 8,
@@ -145,69 +196,49 @@ def verify(
     """Train the runs of the module docstring on a packaged task (or a local folder) and return the comparison,
     also stored in `rec.verify` (the `verify` entry of recommendation.json).
 
+    Args:
+        lr: the peak learning rate of every run (default: the task's, 4e-3 classification, 5e-4 LM), or a grid
+            of them: each configuration then trains at each, and its best is what is compared (every point is in
+            the run's `"sweep"`).
+
     Raises:
-        ValueError: what `tasks.build_task` refuses (an unknown model or data set).
+        ValueError: what `tasks.build_task` refuses (an unknown model or data set), an empty or non-positive lr grid.
     """
-    import math
-
-    import loraredux as lx
-
-    from ..tasks import adapt_for_task, build_task
-    from ..train import TrainConfig, fit
-
-    results = []
-    metric = higher = memory = None
+    rates: list[float | None] = (
+        [None]
+        if lr is None
+        else ([float(lr)] if isinstance(lr, (int, float)) else [float(x) for x in lr])
+    )
+    if not rates or any(r is not None and not r > 0 for r in rates):
+        raise ValueError(f"lr must be a number > 0 or a non-empty list of them, got {lr!r}")
+    build = {"model": model, "data": data, "train_examples": train_examples,
+             "eval_examples": eval_examples, "batch_size": batch_size, "max_length": max_length}  # fmt: skip
+    results, memory, task, out = [], None, None, {}
     for run in _runs(rec):
-        config = lx.config_from_dict(run["config"])
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        net, task, data_name = build_task(
-            model, data, train_examples=train_examples, eval_examples=eval_examples, batch_size=batch_size,
-            max_length=max_length, seed=seed, progress=False,
-        )  # fmt: skip
-        size = batch_size or (32 if task.kind == "classification" else 8)
-        n_steps = steps or math.ceil(task.train_size / size)
-        rate = lr or (4e-3 if task.kind == "classification" else 5e-4)
-        adapt_for_task(
-            net, config, task, steps=n_steps, targets=rec.targets, exclude=rec.exclude,
-            calibration_batches=calibration_batches, progress=False,
-            rank_pattern=run["rank_pattern"] or None, alpha_pattern=run["alpha_pattern"] or None,
-        )  # fmt: skip
-        if run["name"] == "advised":
-            memory = _memory_check(
-                rec, net, task, task.batches(0), run["optimizer"], rate, task.kind
+        sweep = []
+        for rate in rates:
+            check = run["name"] == "advised" and memory is None
+            out, task, measured = _train(
+                run, rec, build, steps, rate, calibration_batches, seed, progress, check
             )
-        print(f"verify: training {run['name']} ({n_steps} steps)", flush=True)
-        result = fit(
-            net,
-            task.batches,
-            task.loss_fn,
-            TrainConfig(steps=n_steps, lr=rate, warmup_steps=max(1, n_steps // 10), seed=seed),
-            optimizer=lambda _, name=run["optimizer"], net=net, rate=rate: lx.optim.create(
-                name, net, lr=rate
-            ),
-            eval_fn=task.evaluate,
-            progress=progress,
-        )
-        final = result.evals[-1][1]
-        tail = result.losses[-max(1, len(result.losses) // 10) :]
-        metric, higher = task.metric, task.higher_is_better
-        results.append({
+            memory = measured or memory
+            sweep.append(out)
+        pick = (max if task.higher_is_better else min)(sweep, key=lambda o: o["metric"])
+        entry = {
             **run,
-            "lr": rate,
-            "metric": final[task.metric],
-            "train_loss": statistics.fmean(tail),
-            "seconds": round(time.perf_counter() - t0, 1),
-            "trainable": sum(p.numel() for p in lx.trainable_parameters(net).values()),
-        })  # fmt: skip
-        del net
+            **{k: pick[k] for k in ("lr", "metric", "train_loss", "seconds", "trainable")},
+        }
+        if len(sweep) > 1:
+            entry["sweep"] = {format(o["lr"], "g"): o["metric"] for o in sweep}
+        results.append(entry)
     rec.verify = {
-        "metric": metric,
-        "higher_is_better": higher,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
         "model": model,
-        "data": data_name,
-        "steps": n_steps,
+        "data": out["data"],
+        "steps": out["steps"],
         "seed": seed,
+        "lrs": [o for o in (format(r, "g") for r in rates if r is not None)] or None,
         "runs": results,
         "memory": memory,
     }

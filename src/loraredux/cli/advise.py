@@ -103,9 +103,10 @@ def add_advise(sub: Any) -> None:
     )
     p.add_argument(
         "--lr",
-        type=positive_float,
+        type=_learning_rates,
         default=None,
-        help="--verify: peak learning rate of every run (default 4e-3 cls, 5e-4 LM)",
+        help="--verify: peak learning rate of every run (default 4e-3 cls, 5e-4 LM), or a comma-separated grid "
+        "(e.g. 2e-3,4e-3): each configuration then trains at each and is compared at its best",
     )
     p.add_argument(
         "--out",
@@ -115,6 +116,12 @@ def add_advise(sub: Any) -> None:
     )
     p.add_argument("--no-plots", action="store_true", help="with --out: no PNG plots")
     p.set_defaults(run=_cmd_advise)
+
+
+def _learning_rates(text: str) -> list[float]:
+    return [positive_float(part) for part in text.split(",") if part.strip()] or [
+        positive_float(text)
+    ]
 
 
 def _print(rec: Any) -> None:
@@ -130,10 +137,15 @@ def _print(rec: Any) -> None:
     print(f"  layers     {len(rec.layers)} ({spread})")
     if rec.verify:
         v = rec.verify
-        print(f"\nverification ({v['metric']}, {v['steps']} steps, same data, seed and lr):")
+        grid = (
+            f", each at its best of lr {', '.join(v['lrs'])}"
+            if v.get("lrs") and len(v["lrs"]) > 1
+            else ""
+        )
+        print(f"\nverification ({v['metric']}, {v['steps']} steps, same data and seed{grid}):")
         for run in v["runs"]:
             print(
-                f"  {run['name']:<26} {v['metric']} {run['metric']:.4f}  train loss "
+                f"  {run['name']:<26} {v['metric']} {run['metric']:.4f}  lr {run['lr']:g}  train loss "
                 f"{run['train_loss']:.4f}  {run['trainable']:>10,} trainable  {run['seconds']:.0f} s"
             )
         m = v.get("memory")
