@@ -30,11 +30,14 @@ new storage the step creates (an operator's output that aliases none of its inpu
 nothing), and a weak reference to it records when it is freed (PyTorch keeps one Python object per storage for as
 long as the storage lives, on meta too, and views share it: that is the storage identity; meta `data_ptr`s are all
 0). The step's timeline of allocations and frees is then the one a real device's allocator sees: what autograd
-saves (an input shared by q, k, v and the adapter's A counts once), the model's outputs (kept until backward ends,
-as `out = model(**batch); out.loss.backward()` does), the loss's float copy and log-softmax, and each transient of
-backward (the gradient of the logits, often the peak of a language model with a large vocabulary). The activations
-are that timeline's peak without the parameters' gradients (counted above). Two corrections make meta behave like a
-real device:
+saves (an input shared by q, k, v and the adapter's A counts once), the model's outputs until the loss is taken from
+them, the loss's float copy and log-softmax, and each transient of backward (the gradient of the logits, often the
+peak of a language model with a large vocabulary). Only the loss goes on into backward, as in `train.fit` with
+`tasks`' loss (`model(**batch).loss`) and transformers' `Trainer` (`compute_loss` returns the loss alone): the outputs,
+the logits among them (and the key / value cache a model in training mode may return), die before it. A loop that
+holds them through backward (`out = model(**batch); out.loss.backward()`) peaks one logits tensor (batch x seq x vocab
+at the compute dtype) higher. The activations are that timeline's peak without the parameters' gradients (counted
+above). Two corrections make meta behave like a real device:
 
 - attention: on meta, PyTorch's `scaled_dot_product_attention` (transformers' default "sdpa") takes its math path,
   which keeps the seq x seq attention probabilities of every head and layer; real devices take a fused kernel
@@ -58,14 +61,19 @@ backward's accumulators, bitsandbytes' dequantized weights and int8 buffers: int
 bf16 layers), the caching allocator's rounding, the inputs and the optimizer step's temporaries.
 
 Measured agreement (tests/advisor/test_activation_memory.py: CPU, fp32, random weights, 2 layers of hidden 128,
-vocabulary 1,000, LoRA r=8 on all linear layers, batch 4 x 128 tokens; measured = `measure_peak_bytes` of a whole step
-with AdamW, plus the weights): `total_bytes` / measured was 1.021 for a Llama with grouped-query attention and sdpa,
-1.018 for the same with eager attention, 1.012 for GPT-2, 1.018 for GPT-NeoX and 1.022 for a BERT classifier, the excess
-being the gradients and optimizer states (above); `activation_bytes` equalled the measured peak to within 48 bytes, or
-0.11% for BERT, whose peak comes during backward with part of the gradients allocated. The same replay matched the
-measured CPU peak to within 64 bytes for tiny Qwen2, Qwen3, Mistral, Phi-3, Gemma 2, Gemma 3, OPT and Falcon models
-(fp32), and a bf16 Llama and Mixtral. On meta an fp32 mixture of experts fails (transformers' grouped_mm experts need
-bf16 there). The CUDA rules above follow PyTorch's dispatch conditions; no CUDA device was at hand to measure them.
+vocabulary 1,000, LoRA r=8 on all linear layers, batch 4 x 128 tokens; measured = `measure_peak_bytes` of a whole step,
+`model(**batch).loss.backward()` then AdamW, plus the weights): `total_bytes` / measured was 1.024 for a Llama with
+grouped-query attention and sdpa, 1.020 for the same with eager attention, 1.013 for GPT-2, 1.020 for GPT-NeoX and 1.022
+for a BERT classifier, the excess being the gradients and optimizer states (above); `activation_bytes` equalled the
+measured peak to within 48 bytes, or 0.11% for BERT, whose peak comes during backward with part of the gradients
+allocated. With LoRA on q_proj and v_proj only, for a tiny Llama with a vocabulary of 8,192 (the logits a third of the
+peak) and for one-layer SmolLM2-shaped models (hidden 576, batch 8 x 128) with vocabularies of 1,000, 8,192 and 49,152,
+`activation_bytes` equalled the measured peak to the byte and `total_bytes` exceeded the measured by less than the
+gradients and optimizer states (0.02% to 0.3%); with all linear layers adapted the same SmolLM2 shapes came within 0.13%
+(activations) and 1.3% (total). The same replay matched the measured CPU peak to within 64 bytes for tiny Qwen2, Qwen3,
+Mistral, Phi-3, Gemma 2, Gemma 3, OPT and Falcon models (fp32), and a bf16 Llama and Mixtral. On meta an fp32 mixture of
+experts fails (transformers' grouped_mm experts need bf16 there). The CUDA rules above follow PyTorch's dispatch
+conditions; no CUDA device was at hand to measure them.
 """
 
 from __future__ import annotations
@@ -512,13 +520,15 @@ def _simulate_step(model: nn.Module, kind: str, batch_size: int, seq_len: int, d
             with _FusedSdpa(device):
                 out = model(**inputs)
             loss = out[0] if labels is not None else out[0].sum()
+            # only the loss goes on into backward: the outputs (the logits among them) die here
+            del out
             if loss.requires_grad:
                 timeline.backward = True
                 loss.backward()
             gradients = {
                 timeline.allocation(p.grad) for p in model.parameters() if p.grad is not None
             }
-            del out, loss
+            del loss
     except Exception as err:
         raise RuntimeError(
             f"the training step of {type(model).__name__} cannot run on the meta device ({err}); estimate "
