@@ -12,7 +12,7 @@ from torch import nn
 
 import loraredux as lx
 from loraredux import assets
-from loraredux.advisor import memory
+from loraredux.advisor import memory, replay
 from loraredux.advisor.memory import estimate_memory, measure_peak_bytes
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -239,7 +239,7 @@ def test_meta_storages_have_an_identity_that_views_share_and_autograd_keeps():
 
 
 def test_the_timeline_counts_a_storage_once_and_frees_it_when_it_dies():
-    with memory._Allocations() as timeline:
+    with replay.Allocations() as timeline:
         x = torch.empty(1000, device="meta")  # 4,000 bytes
         rows = x.view(10, 100)  # a view: nothing new
         y = x * 2  # 8,000 alive

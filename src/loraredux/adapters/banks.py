@@ -264,6 +264,11 @@ class GroupedConfig(AdapterConfig):
         if self.group not in GROUPINGS:
             raise ValueError(f"{self.method}: group must be one of {GROUPINGS}, got {self.group!r}")
 
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        """Per layer: none by default, everything is in the bank (`bank_parameter_count`); methods with per-layer
+        parameters (Tied-LoRA's scalings, LoTR's cores) override it."""
+        return 0
+
     def build_layers(
         self, layers: Mapping[str, tuple[nn.Module, AdapterConfig]]
     ) -> dict[str, Adapter]:

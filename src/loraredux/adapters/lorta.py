@@ -76,10 +76,6 @@ class LoRTAConfig(GroupedConfig):
     def check_shape(self, in_features: int, out_features: int) -> None:
         """Any shape: a CP rank may exceed a mode's size."""
 
-    def parameter_count(self, in_features: int, out_features: int) -> int:
-        """Per layer: none, every factor is shared (`bank_parameter_count`)."""
-        return 0
-
     def bank_parameter_count(
         self, in_features: int, out_features: int, layers: int, kinds: int
     ) -> int:

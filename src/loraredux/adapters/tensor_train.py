@@ -158,10 +158,6 @@ class TensorTrainConfig(GroupedConfig):
     def check_shape(self, in_features: int, out_features: int) -> None:
         """Any shape: the bond ranks are capped by the mode sizes."""
 
-    def parameter_count(self, in_features: int, out_features: int) -> int:
-        """Per layer: none, every core is shared (`bank_parameter_count`)."""
-        return 0
-
     def bank_parameter_count(
         self, in_features: int, out_features: int, layers: int, kinds: int
     ) -> int:

@@ -100,10 +100,6 @@ class TuckerConfig(GroupedConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"tucker: {name} must be an integer >= 1, got {value!r}")
 
-    def parameter_count(self, in_features: int, out_features: int) -> int:
-        """Per layer: none, the core and every factor are shared (`bank_parameter_count`)."""
-        return 0
-
     def bank_parameter_count(
         self, in_features: int, out_features: int, layers: int, kinds: int
     ) -> int:

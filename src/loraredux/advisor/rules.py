@@ -52,8 +52,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .formatting import format_bytes as _bytes
 from .measure import LayerMeasurement
-from .report import format_bytes as _bytes
 
 __all__ = [
     "ALIGNED",

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import rules
-from .recommend import Recommendation
+from .recommendation import Recommendation
 
 __all__ = ["verify"]
 
@@ -96,7 +96,7 @@ def _memory_check(
     """One training step of a copy of `net` measured, against the memory model's estimate (module docstring)."""
     import loraredux as lx
 
-    from .memory import estimate_memory, measure_peak_bytes
+    from .memory import OPTIMIZER_STATES, estimate_memory, measure_peak_bytes
 
     device = next(net.parameters()).device
     clone = copy.deepcopy(net).train()
@@ -109,14 +109,13 @@ def _memory_check(
     held = sum(t.numel() * t.element_size() for t in [*clone.parameters(), *clone.buffers()])
     measured = held + measure_peak_bytes(step, device)
     batch_size, seq_len = batch["input_ids"].shape
-    cfg = lx.config_from_dict(rec.config().to_dict())
+    cfg, adapt = rec.config(), rec.adapt_kwargs()
     fields = {k: v for k, v in cfg.to_dict().items() if k in ("rank", "alpha", "rslora")}
     estimate = estimate_memory(
         net.config, kind=kind, base="fp32", method=cfg.method, method_fields=fields,
-        targets=rec.targets, exclude=rec.exclude, modules_to_save=rec.modules_to_save,
-        rank_pattern=rec.adapt_kwargs()["rank_pattern"],
-        alpha_pattern=rec.adapt_kwargs()["alpha_pattern"],
-        optimizer=optimizer if optimizer in ("adamw", "sgd") else "adamw",
+        targets=adapt["targets"], exclude=adapt["exclude"], modules_to_save=adapt["modules_to_save"],
+        rank_pattern=adapt["rank_pattern"], alpha_pattern=adapt["alpha_pattern"],
+        optimizer=optimizer if optimizer in OPTIMIZER_STATES else "adamw",
         batch_size=int(batch_size), seq_len=int(seq_len), device=device.type,
     )  # fmt: skip
     return {
