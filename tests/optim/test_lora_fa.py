@@ -74,7 +74,8 @@ def test_lora_fa_matches_peft(monkeypatch):
         inner.lora_A["default"].weight.copy_(ours[0].A)
         inner.lora_B["default"].weight.copy_(ours[0].B)
     opt = create("lora_fa", ours, lr=1e-2, eps=1e-12, weight_decay=0.0)
-    ref = lorafa.create_lorafa_optimizer(theirs, r=3, lora_alpha=8, lr=1e-2)
+    # PEFT 0.22 reads r and alpha from the LoraConfig (0.21 took them as arguments)
+    ref = lorafa.create_lorafa_optimizer(theirs, lr=1e-2)
     ref.param_groups[0]["eps"] = 1e-12
     for _ in range(3):
         for model, o in ((ours, opt), (theirs, ref)):

@@ -186,6 +186,8 @@ class VeRAConfig(AdapterConfig):
     adapter: ClassVar[type[Adapter]] = VeRA
     base_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
     peft_type: ClassVar[str | None] = "VERA"
+    # PEFT's VeraConfig has neither field (every layer shares one rank), and PEFT warns on a file that has them
+    peft_absent_fields: ClassVar[tuple[str, ...]] = ("exclude_modules", "rank_pattern")
 
     def __post_init__(self) -> None:
         super().__post_init__()
