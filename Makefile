@@ -46,8 +46,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --disable-pip-version-check -c lock/torch.txt \
 	  --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r lock/assets.txt
-	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
-	@echo "testing against:"; diff requirements.lock $(LATEST)/versions.txt | grep '^>' || true
+	$(LATEST)/bin/python lock/differences.py $(LOCK)
 	LORAREDUX_UNLOCKED=1 $(LATEST)/bin/python -m pytest -p no:cacheprovider
 
 clean:
