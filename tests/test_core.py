@@ -1,6 +1,7 @@
 """The model verbs, target selection and the errors of bad input (each leaves the model unchanged)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -182,6 +183,93 @@ def test_state_dict_mismatch_is_named_and_nothing_loads():
         lx.load_adapter_state_dict(model, bad)
     for k, v in lx.adapter_state_dict(model).items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (float("nan"), r"q_proj\.B' holds 1 NaN or infinite"),
+        (float("-inf"), r"q_proj\.B' holds 1 NaN or infinite"),
+        ("int64", r"dtype mismatch.*q_proj\.B: file torch\.int64 vs layer torch\.float64"),
+        ("complex64", r"dtype mismatch.*complex64"),
+    ],
+)
+def test_state_dict_values_are_checked_before_anything_loads(value, message):
+    model = lx.adapt_(tiny_llama(), lx.config("lora", rank=2), targets=["q_proj"])
+    snap = snapshot(model)
+    bad = {k: torch.ones_like(v) for k, v in lx.adapter_state_dict(model).items()}
+    key = "model.layers.1.self_attn.q_proj.B"
+    if isinstance(value, float):
+        bad[key][0, 0] = value
+    else:
+        bad[key] = bad[key].to(getattr(torch, value))
+    with pytest.raises(ValueError, match=message):
+        lx.load_adapter_state_dict(model, bad)
+    assert_unchanged(model, snap)
+    if isinstance(value, float):  # the escape hatch loads it as it is
+        lx.load_adapter_state_dict(model, bad, allow_nonfinite=True)
+        assert not torch.isfinite(model.model.layers[1].self_attn.q_proj.B).all()
+
+
+def test_a_state_whose_base_move_fails_in_the_last_layer_changes_nothing():
+    """PiSSA: each layer moves its base by the loaded A0, B0. Factors too large for the base in the last layer
+    are refused, and every layer (adapter tensors, base weights, moved flags) is as it was before the call."""
+    model = lx.adapt_(tiny_llama(), lx.config("lora", rank=2, init="pissa"), ["q_proj", "v_proj"])
+    snap = snapshot(model)
+    moved = {p: a._moved for p, a in lx.adapters(model)}
+    state = {k: v.clone() + 0.01 for k, v in lx.adapter_state_dict(model).items()}
+    state["model.layers.1.self_attn.v_proj.B0"] *= 1e200
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj'.*too large for this base"):
+        lx.load_adapter_state_dict(model, state)
+    assert_unchanged(model, snap)
+    assert {p: a._moved for p, a in lx.adapters(model)} == moved
+    assert not any("_pending_base" in vars(a) for _, a in lx.adapters(model))
+    state["model.layers.1.self_attn.v_proj.B0"] /= 1e200  # the same state, fixed, loads
+    lx.load_adapter_state_dict(model, state)
+    assert torch.equal(
+        lx.adapter_state_dict(model)["model.layers.1.self_attn.v_proj.B0"],
+        state["model.layers.1.self_attn.v_proj.B0"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rank": "8"}, "rank must be an integer >= 1, got '8'"),
+        ({"alpha": [8]}, "alpha must be a finite number > 0"),
+        ({"rslora": "false"}, "lora: rslora must be true or false, got str 'false'"),
+        ({"dropout": "0.1"}, "lora: dropout must be a number, got str '0.1'"),
+        ({"init_options": [1]}, "lora: init_options must be a dict"),
+        ({"init": None}, "init must be a name"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_are_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        lx.config("lora", **fields)
+    with pytest.raises(ValueError, match=message):
+        lx.config_from_dict({"method": "lora", **fields})
+
+
+def test_every_method_checks_its_field_types():
+    """The generic check reads the dataclass annotations, so every registered method refuses a string where a
+    boolean belongs (the value `bool("false")` would read as True)."""
+    checked = 0
+    for method in lx.available_methods():
+        for field in dataclasses.fields(lx.core.config_class(method)):
+            if field.type == "bool":
+                with pytest.raises(
+                    ValueError, match=rf"{method}: {field.name} must be true or false"
+                ):
+                    lx.config(method, **{field.name: "false"})
+                checked += 1
+    assert checked >= 5
+
+
+def test_config_from_dict_refuses_a_method_that_is_no_string():
+    with pytest.raises(ValueError, match="'method' must be a string, got list"):
+        lx.config_from_dict({"method": ["lora"]})
+    with pytest.raises(ValueError, match="must be an object of fields, got list"):
+        lx.config_from_dict([("method", "lora")])
 
 
 def test_merge_or_unadapt_without_adapters():

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .bases import BaseView, view_of
+from .fieldtypes import checking_types, short_repr
 
 __all__ = [
     "Adapter",
@@ -34,6 +35,7 @@ __all__ = [
     "config_from_dict",
     "deferring_base_changes",
     "initialising",
+    "nonfinite_count",
     "register",
     "skip_initialisation",
 ]
@@ -109,6 +111,12 @@ class AdapterConfig:
         ):
             raise ValueError(f"{self.method}: alpha must be a finite number > 0, got {alpha!r}")
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "checks_types", False):
+            cls.__post_init__ = checking_types(own)  # type: ignore[method-assign]
+
     def check_shape(self, in_features: int, out_features: int) -> None:
         """Refuse a layer shape this config cannot build, naming the constraint (called before anything changes).
 
@@ -165,6 +173,9 @@ class AdapterConfig:
         return {"method": self.method, **dataclasses.asdict(self)}
 
 
+AdapterConfig.__post_init__ = checking_types(AdapterConfig.__post_init__)  # type: ignore[method-assign]
+
+
 def register(name: str) -> Callable[[type[AdapterConfig]], type[AdapterConfig]]:
     """Class decorator: register a config class under a method name (`lx.config(name, ...)` builds it)."""
 
@@ -205,11 +216,24 @@ def config(name: str, **fields: Any) -> AdapterConfig:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
-    """Inverse of `AdapterConfig.to_dict`."""
+    """Inverse of `AdapterConfig.to_dict`.
+
+    Raises:
+        ValueError: not a mapping, no or a non-string 'method', an unknown method or field, or a field whose
+            value is not of its annotated type (named, with the expected type).
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a config must be an object of fields, got {short_repr(data)}")
     data = dict(data)
     if "method" not in data:
-        raise ValueError(f"config dict has no 'method' key: {sorted(data)}")
-    return config(data.pop("method"), **data)
+        raise ValueError(f"config dict has no 'method' key: {sorted(map(str, data))}")
+    method = data.pop("method")
+    if not isinstance(method, str):
+        raise ValueError(f"a config's 'method' must be a string, got {short_repr(method)}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"{method}: field names must be strings, got {bad_keys[:5]}")
+    return config(method, **data)
 
 
 # ----------------------------------------------------------------------------------------------- adapters
@@ -270,15 +294,50 @@ class Adapter(nn.Module):
         if not _DEFER_BASE.get():
             self.commit_base_()
 
+    def load_base_tensors_(self, tensors: Mapping[str, Tensor]) -> None:
+        """Overwrite tensors of the base layer (by `base.state_dict()` name) with loaded values, in place, as
+        PEFT loads an adapted embedding's saved table (`save_embedding_layers`).
+
+        The old values are kept in a non-persistent buffer (not saved, moved by `.to()` with the adapter), so
+        `released()` (`lx.unadapt_`) writes them back. In place, so a module tied to the base tensor (an output
+        head sharing the embedding) sees the loaded values too, as in PEFT. Under `deferring_base_changes`
+        (inside `lx.adapt_`) the change waits for `commit_base_()`.
+        """
+        pending = self.__dict__.setdefault("_pending_tensors", {})
+        pending.update({name: value.detach() for name, value in tensors.items()})
+        if not _DEFER_BASE.get():
+            self.commit_base_()
+
     def commit_base_(self) -> None:
-        """Apply a pending base weight (see `replace_base_weight_`); nothing when none is pending."""
+        """Apply a pending base weight (see `replace_base_weight_`) and pending base tensors (see
+        `load_base_tensors_`); nothing when none is pending."""
         pending = self.__dict__.pop("_pending_base", None)
         if pending is not None:
             self.view.set_weight(pending)
+        tensors = self.__dict__.pop("_pending_tensors", None)
+        if tensors:
+            targets = self.base.state_dict(keep_vars=True)
+            kept = self.__dict__.setdefault("_kept_base", {})  # buffer name -> base tensor name
+            with torch.no_grad():
+                for name, value in tensors.items():
+                    if name not in kept.values():  # the first load keeps the original values
+                        buffer = f"_kept_base_{len(kept)}"
+                        self.register_buffer(
+                            buffer, targets[name].detach().clone(), persistent=False
+                        )
+                        kept[buffer] = name
+                    targets[name].copy_(value)
 
     def released(self) -> nn.Module:
-        """The base layer as it was before adaptation (`lx.unadapt_` puts it back). Methods whose initialisation
-        moved the base weight restore it here."""
+        """The base layer as it was before adaptation (`lx.unadapt_` puts it back): base tensors that a load
+        overwrote (`load_base_tensors_`) get their kept values back. Methods whose initialisation moved the base
+        weight restore it here too."""
+        kept = self.__dict__.pop("_kept_base", {})
+        if kept:
+            targets = self.base.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for buffer, name in kept.items():
+                    targets[name].copy_(self._buffers.pop(buffer))
         return self.base
 
     def before_load_(self) -> None:
@@ -286,7 +345,12 @@ class Adapter(nn.Module):
 
     def after_load_(self) -> None:
         """Called after saved tensors were copied in (by `lx.load_adapter` and `load_adapter_state_dict`), for
-        state derived from them (e.g. a base weight moved by the initial factors)."""
+        state derived from them (e.g. a base weight moved by the initial factors).
+
+        Both call it under `deferring_base_changes`: a base change it makes is only recorded, and applied by
+        `commit_base_()` once every layer has loaded. It raises ValueError where the loaded tensors give no
+        usable state (a moved base that would hold NaN / Inf); the caller then discards the load.
+        """
 
     # -- the spec and the fast path --------------------------------------------------------------------
     def effective_weight(self) -> Tensor:
@@ -396,8 +460,23 @@ def accumulate_(y: Tensor, z: Tensor, B: Tensor | None = None, scale: float = 1.
     return torch.addmm(y, z, B.T, alpha=scale)
 
 
-def check_tensors(tensors: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`tensors` if its names and shapes are exactly those of `own`; else a ValueError naming the misfits."""
+def check_tensors(
+    tensors: Mapping[str, Tensor], own: Mapping[str, Tensor], *, finite: bool = False
+) -> dict[str, Tensor]:
+    """`tensors` if its names, shapes and dtypes fit `own` exactly; else a ValueError naming the misfits.
+
+    A tensor fits if it has the same shape and a dtype of the same kind: a floating-point target takes only
+    floating-point values (an integer, bool or complex tensor would be cast silently, or only with a warning),
+    an integer or bool target only the same dtype (SVFT's indices, AdaLoRA's mask).
+
+    Args:
+        tensors: the values to load, by name.
+        own: the tensors they go into, by name.
+        finite: also refuse NaN and infinite values (named, with their count).
+
+    Raises:
+        ValueError: missing or unexpected names, shapes, dtypes or (with `finite`) values that do not fit.
+    """
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
@@ -409,4 +488,39 @@ def check_tensors(tensors: dict[str, Tensor], own: dict[str, Tensor]) -> dict[st
     ]
     if wrong:
         raise ValueError(f"shape mismatch: {wrong}")
+    kinds = [
+        f"{k}: file {tensors[k].dtype} vs layer {v.dtype}"
+        for k, v in own.items()
+        if not _same_kind(tensors[k].dtype, v.dtype)
+    ]
+    if kinds:
+        raise ValueError(
+            f"dtype mismatch (a floating-point tensor takes only floating-point values, an integer or "
+            f"bool one only its own dtype): {kinds}"
+        )
+    if finite:
+        for k in own:
+            bad = nonfinite_count(tensors[k])
+            if bad:
+                raise ValueError(
+                    f"tensor {k!r} holds {bad} NaN or infinite value(s) of {tensors[k].numel()}"
+                )
     return {k: tensors[k] for k in own}
+
+
+def _same_kind(value: torch.dtype, target: torch.dtype) -> bool:
+    if value.is_complex or target.is_complex:
+        return value == target
+    if target.is_floating_point:
+        return value.is_floating_point
+    return value == target
+
+
+def nonfinite_count(tensor: Tensor) -> int:
+    """How many entries of `tensor` are NaN or infinite (0 for integer and bool tensors)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0
+    wide = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if tensor.dtype not in wide and not tensor.is_complex():  # float8 lacks isfinite kernels
+        tensor = tensor.float()
+    return int((~torch.isfinite(tensor)).sum())

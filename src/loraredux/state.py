@@ -7,12 +7,12 @@ once at the model's root, as `loraredux_banks.<key>`, so the state dict holds it
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .core import Adapter, SavedModule
+from .core import Adapter, SavedModule, check_tensors, deferring_base_changes
 
 __all__ = [
     "BANKS_ATTR",
@@ -101,11 +101,24 @@ def state_of(layers: Mapping[str, Adapter], saved: Mapping[str, SavedModule]) ->
     return state
 
 
-def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+def load_adapter_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], *, allow_nonfinite: bool = False
+) -> None:
     """Load adapter state (as `adapter_state_dict` gives it); keys and shapes must match exactly.
 
+    Everything is checked before anything is written: keys, shapes, dtypes (a floating-point tensor takes only
+    floating-point values) and, unless `allow_nonfinite`, NaN / Inf values. A base weight that the loaded state
+    moves (PiSSA's A0, B0) is applied only once every layer has loaded; if a layer refuses its state (a base
+    that would not be finite), every adapter is put back as it was.
+
+    Args:
+        model: an adapted model.
+        state: the adapter state, keyed as `adapter_state_dict(model)`.
+        allow_nonfinite: load NaN / Inf values too (a moved base that would not be finite is still refused).
+
     Raises:
-        ValueError: missing or unexpected keys, or a shape mismatch (all are named); nothing is loaded then.
+        ValueError: missing or unexpected keys, a shape or dtype mismatch, NaN / Inf values, or a layer whose
+            loaded state does not fit its base (all are named); nothing is loaded then.
     """
     own = adapter_state_dict(model)
     missing = sorted(set(own) - set(state))
@@ -122,11 +135,44 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
             f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}, "
             f"shape mismatches {wrong[:10]}"
         )
-    layers = [a for _, a in adapters(model)]
-    for adapter in layers:
-        adapter.before_load_()
-    with torch.no_grad():
-        for key, value in own.items():
-            value.copy_(state[key])
-    for adapter in layers:
-        adapter.after_load_()
+    try:
+        values = check_tensors(state, own, finite=not allow_nonfinite)
+    except ValueError as err:
+        raise ValueError(f"adapter state does not fit the model: {err}") from err
+    layers = dict(adapters(model))
+    undo = _undo_record(layers.values(), own)
+    try:
+        with deferring_base_changes():
+            for adapter in layers.values():
+                adapter.before_load_()
+            with torch.no_grad():
+                for key, value in values.items():
+                    own[key].copy_(value)
+            for path, adapter in layers.items():
+                try:
+                    adapter.after_load_()
+                except ValueError as err:
+                    raise ValueError(f"layer {path!r}: {err}") from err
+    except BaseException:
+        undo()
+        raise
+    for adapter in layers.values():
+        adapter.commit_base_()
+
+
+def _undo_record(layers: Iterable[Adapter], own: Mapping[str, Tensor]) -> Callable[[], None]:
+    """A function that puts the adapters back as they are now: their tensors' values and their plain attributes
+    (a pending base, `_moved`, ...), so that a load failing half-way changes nothing."""
+    values = {key: value.detach().clone() for key, value in own.items()}
+    attributes = [(adapter, dict(vars(adapter))) for adapter in layers]
+
+    @torch.no_grad()
+    def undo() -> None:
+        for key, value in values.items():
+            own[key].copy_(value)
+        for adapter, before in attributes:
+            for name in [n for n in vars(adapter) if n not in before]:
+                del vars(adapter)[name]
+            vars(adapter).update(before)
+
+    return undo

@@ -104,7 +104,9 @@ def adapt_(
         alpha_pattern: `{key: alpha}`, likewise.
         modules_to_save: modules trained in full beside the adapters (e.g. `["classifier"]`).
         prepare: called with the built adapters and saved modules before they are swapped in (loading uses
-            it to fill in weights); an exception there leaves the model untouched.
+            it to fill in weights), under `deferring_base_changes`: a base change it makes
+            (`replace_base_weight_`, `load_base_tensors_`) is applied only when the adapters are swapped in,
+            and an exception there leaves the model untouched.
         init: False builds the adapters without their initial values, which then hold arbitrary numbers until
             loaded (`lx.load_adapter_state_dict`, or `prepare`): for loading saved weights, so that methods with
             a costly initialisation (an SVD of W0: LoRA-XS, SVFT, ABBA) skip it.
@@ -166,7 +168,10 @@ def adapt_(
                 "layers that share them in one call (or lx.unadapt_ / lx.merge_ the model first)"
             )
         if prepare is not None:
-            prepare(built, saved)
+            # A load that moves a base (PiSSA's saved A0, B0; PEFT's embedding table) only records the change
+            # here; the commit below applies it once everything has loaded and been checked.
+            with deferring_base_changes():
+                prepare(built, saved)
     except BaseException:
         for p, flag in flags:  # building froze base layers: undo that
             p.requires_grad_(flag)
@@ -189,7 +194,7 @@ def adapt_(
             adapter.base.training
         )  # a model in eval mode stays in eval mode (dropout off)
         old = dict(adapter.base.named_parameters())
-        adapter.commit_base_()  # an init that moves the base weight (PiSSA, ...) applies it now
+        adapter.commit_base_()  # a moved base weight (PiSSA, ...) or a loaded base table applies now
         replaced |= _track_replaced(record, old, adapter.base)
         _replace(model, path, adapter)
     for path, module in saved.items():

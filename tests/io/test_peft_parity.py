@@ -14,7 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 import loraredux as lx
-from tiny_models import logits, randomize, tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import (
+    assert_unchanged,
+    logits,
+    randomize,
+    snapshot,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 pytestmark = pytest.mark.parity
 
@@ -230,7 +238,8 @@ def test_nested_paths_stay_exact_both_ways(tmp_path: Path) -> None:
 
 
 def test_peft_embedding_table_is_loaded_as_peft_does(tmp_path: Path) -> None:
-    """PEFT saves an adapted embedding's table (`save_embedding_layers`) and loads it into the base layer."""
+    """PEFT saves an adapted embedding's table (`save_embedding_layers`) and loads it into the base layer;
+    lx.unadapt_ gives back the model's own table, bit for bit."""
     peft_model = peft.get_peft_model(tiny_llama(), CASES["llama-embedding"].peft_config())
     randomize([p for p in peft_model.parameters() if p.requires_grad])
     peft_model.eval()
@@ -238,6 +247,9 @@ def test_peft_embedding_table_is_loaded_as_peft_does(tmp_path: Path) -> None:
     other = tiny_llama()
     with torch.no_grad():
         other.model.embed_tokens.weight.add_(1.0)
+    before = snapshot(other)
     with pytest.warns(UserWarning, match="replaces the base weights model.embed_tokens.weight"):
         model = lx.load_adapter(other, tmp_path)
     torch.testing.assert_close(logits(model), logits(peft_model), rtol=1e-10, atol=1e-10)
+    lx.unadapt_(model)
+    assert_unchanged(model, before)

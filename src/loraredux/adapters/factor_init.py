@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import init as inits
-from ..core import Adapter, accumulate_, initialising
+from ..core import Adapter, accumulate_, initialising, nonfinite_count
 
 __all__ = ["FactorInit", "check_init_fields"]
 
@@ -50,6 +50,44 @@ def check_init_fields(method: str, init: Any, init_options: Any) -> None:
         spec.check_options(init_options)
     except ValueError as err:
         raise ValueError(f"{method}: {err}") from None
+
+
+def _check_move(
+    init: str,
+    W0: Tensor,
+    new_base: Tensor,
+    B0: Tensor | None = None,
+    A0: Tensor | None = None,
+    scale: float = 1.0,
+) -> None:
+    """Refuse a loaded move of the base that would write NaN / Inf into it, or (exact moves, given B0, A0)
+    one whose W_res + s B0 A0 no longer gives W0 back: factors far larger than the base cancel catastrophically,
+    and `lx.unadapt_` restores W0 from exactly that sum.
+
+    Raises:
+        ValueError: naming the init and the problem (the loader adds the layer).
+    """
+    bad = nonfinite_count(new_base)
+    if bad:
+        raise ValueError(
+            f"init {init!r}: the base weight the loaded A0, B0 give (W0 - s B0 A0) has {bad} NaN or infinite "
+            f"value(s) of {new_base.numel()}; nothing was changed"
+        )
+    if B0 is None or A0 is None:
+        return
+    wide = torch.promote_types(W0.dtype, torch.float32)
+    back = torch.addmm(new_base, B0, A0, alpha=scale).to(wide)
+    # max norms: a sum of squares would overflow where the factors are huge
+    gap = float((back - W0.to(wide)).abs().max())
+    size = float(W0.abs().max())
+    # Rounding alone stays within a few eps of W0 for factors of W0's size (PiSSA's are at most its norm).
+    tolerance = max(1e-3, 64 * torch.finfo(W0.dtype).eps) * size + torch.finfo(W0.dtype).tiny
+    if not gap <= tolerance:
+        raise ValueError(
+            f"init {init!r}: the loaded A0, B0 are too large for this base weight: (W0 - s B0 A0) + s B0 A0 "
+            f"is off W0 by up to {gap:.3g} (max |W0| = {size:.3g}), so lx.unadapt_ could not restore W0; the "
+            "adapter was made on another base model or its file is corrupt"
+        )
 
 
 class FactorInit(Adapter):
@@ -154,7 +192,7 @@ class FactorInit(Adapter):
             with torch.no_grad():
                 self.view.set_weight(self.original_weight())
             self._moved = False
-        return self.base
+        return super().released()
 
     def before_load_(self) -> None:
         if self._moved:  # back to W0, so that after_load_ moves it by the loaded A0, B0
@@ -164,12 +202,23 @@ class FactorInit(Adapter):
 
     @torch.no_grad()
     def after_load_(self) -> None:
+        """Move the base by the loaded A0, B0 (W_res = W0 - s B0 A0), or recompute an inexact move (LoftQ).
+
+        Under `deferring_base_changes` (`lx.load_adapter`, `lx.load_adapter_state_dict`) the new base is only
+        recorded; the caller commits it once every layer has loaded.
+
+        Raises:
+            ValueError: the new base would not be finite, the exact move would not give W0 back (factors far
+                larger than the base: `lx.unadapt_` could not restore it), or LoftQ's recomputed factors differ
+                from the saved ones (another base model).
+        """
         spec = self.initialiser
         if spec is None or not spec.moves_base:
             return
         W0 = self.base_weight().detach()
         if spec.exact:
             new_base = torch.addmm(W0, self.B0, self.A0, alpha=-self.scale)
+            _check_move(spec.name, W0, new_base, self.B0, self.A0, self.scale)
         else:  # the move is not a function of A0, B0 alone: recompute it (deterministic) and check it
             factors = spec(W0, self.A0.shape[0], self.scale, **self.config.init_options)
             saved = self.B0 @ self.A0
@@ -179,8 +228,9 @@ class FactorInit(Adapter):
                     f"init {spec.name!r} on this base gives other initial factors than the saved A0, B0 "
                     f"(gap {gap.item():.2e}): the adapter was made on another base model"
                 )
-            self._original = W0
             new_base = factors.base
+            _check_move(spec.name, W0, new_base)
+            self._original = W0
         self.replace_base_weight_(new_base)
         self._moved = True
 

@@ -44,10 +44,17 @@ def save_adapter(
 ) -> Path:
     """Write the model's adapters (and modules to save) to `directory`, atomically.
 
+    Wherever the process is killed, `directory` holds the complete old adapter or the complete new one (never the
+    config of one beside the weights of the other), with every other file and folder it held: the new directory is
+    built beside it, as `.<name>.loraredux-save-<random>`, and swapped in by one atomic rename. The next save
+    removes what a killed one left. Limits (a reader opening the two files either side of the swap, platforms
+    without an atomic exchange of two directories): `loraredux.io.atomic.replace_directory_files`.
+
     Args:
         model: an adapted model (`lx.adapt_`).
-        directory: created if needed; an adapter already there is replaced only once the new one is complete,
-            and other files are left alone.
+        directory: created if needed (with the usual permissions; an existing one keeps its own); an adapter
+            already there is replaced only once the new one is complete, and other files are kept. Its parent
+            must be writable.
         format: `"peft"` (PEFT's format, loadable by `peft.PeftModel.from_pretrained`), `"native"` (loraredux's
             format, for any method) or `"auto"` (PEFT's where every adapter has a PEFT form, else native).
         convert_to_lora: in PEFT's format, an adapter whose init moved the base weight (PiSSA, MiLoRA, OLoRA,
@@ -75,31 +82,58 @@ def save_adapter(
     return write_adapter(directory, config, tensors)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], *, allow_nonfinite: bool = False
+) -> nn.Module:
     """Adapt a bare model as the saved config in `directory` says, then load the saved weights into it.
 
-    Reads either format. The weights are loaded into the new adapters before they are swapped in, so any error
-    leaves the model exactly as it was.
+    Reads either format. Every file, field and tensor is checked before anything is written, the weights go
+    into new adapters before they are swapped in, and a base weight that the load changes (PiSSA's residual
+    from the saved A0, B0; an embedding table saved by PEFT) is applied last: any error leaves the model
+    exactly as it was, and `lx.unadapt_` after a load gives back the original weights.
+
+    Refused, each with an error naming the file and the field or tensor:
+    - a missing directory or file, or only a pickle (never unpickled);
+    - an entry that is not a regular file (a FIFO is never opened), or a symlink leaving the directory;
+    - a config that is empty, not UTF-8, not a JSON object, deeply nested, or has duplicate keys;
+    - a safetensors file that is truncated or malformed (header length, header JSON, duplicate keys,
+      dtypes, shapes, data_offsets that overlap or run past the file);
+    - config fields of the wrong type (`r` as a string, `use_rslora: "false"`, `lora_alpha` as a list,
+      `target_modules` as a number; a native config missing `config` / `layers`), an unknown method or
+      PEFT type, fields loraredux does not read, a native `format_version` other than this one;
+    - tensors whose names, shapes or dtypes do not fit the model (an integer, bool or complex tensor for a
+      floating-point one);
+    - unless `allow_nonfinite`, a tensor holding NaN or Inf; and always, a saved base move (PiSSA's A0, B0)
+      that would write NaN / Inf into the base or could not be undone by `lx.unadapt_`.
 
     Args:
         model: the base model the adapter was trained on (not yet adapted at the saved layers).
         directory: a directory written by `lx.save_adapter` or PEFT's `save_pretrained`.
+        allow_nonfinite: load tensors holding NaN or Inf anyway (to inspect a diverged adapter).
 
     Returns:
         The same model, adapted and loaded.
 
     Raises:
         FileNotFoundError: the directory or one of its two files is missing.
-        AdapterFileError: only a pickle is present (never unpickled), or a file is corrupt or of unknown format.
-        ValueError: the config names an unknown method or fields loraredux does not read, or the tensors' keys
-            or shapes do not fit the model.
+        AdapterFileError: a file is not a regular file, corrupt, of an unknown format, malformed (a field
+            of the wrong type), holds NaN / Inf, or only a pickle is present.
+        ValueError: the config names an unknown method or fields loraredux does not read, or the tensors do
+            not fit the model.
+        TypeError: a config that selects layers the method cannot adapt.
     """
-    fields, tensors = read_adapter(directory)
+    fields, tensors = read_adapter(directory, allow_nonfinite=allow_nonfinite)
     kind = fields.get("format")
-    if kind == native.FORMAT:
-        return native.load(model, fields, tensors)
-    if kind is None and "peft_type" in fields:
-        return peft.load(model, fields, tensors)
+    try:
+        if kind == native.FORMAT:
+            return native.load(model, fields, tensors)
+        if kind is None and "peft_type" in fields:
+            return peft.load(model, fields, tensors)
+    except (ValueError, TypeError) as err:
+        if type(err) not in (ValueError, TypeError, AdapterFileError):
+            raise
+        # The message names the file and field; say which adapter, too.
+        raise type(err)(f"cannot load the adapter in {directory}: {err}") from err
     raise AdapterFileError(
         f"{Path(directory) / CONFIG_NAME} is neither a PEFT config (no 'peft_type') nor a loraredux one "
         f"(format={kind!r})"

@@ -1,11 +1,11 @@
 """Adapter files on disk: `adapter_config.json` + `adapter_model.safetensors`, written atomically, read safely.
 
 Only JSON and safetensors are ever read: a pickle (`adapter_model.bin`, `.pt`, ...) can run code when loaded, so
-we refuse it and say how to convert it. A save writes both files into a temporary directory beside the target and
-then renames each into place (`os.replace`, atomic on one file system): an interrupted save leaves either the old
-file or the new one, never a partial file, and other files in the directory are left alone. The weights file's
-metadata holds the SHA-256 of the config it was saved with, so a save torn between the two renames (new weights
-beside the old config) is reported on load instead of silently mixing two adapters.
+we refuse it and say how to convert it. A save builds the new directory beside the target and swaps the two
+atomically (`atomic.replace_directory_files`): wherever it is killed, the directory holds the old adapter or the
+new one, never a mix, and the other files in it are kept. The weights file's metadata holds the SHA-256 of the
+config it was saved with, so a mixed pair (a reader that opened the config before a save's swap and the weights
+after it, or files copied by hand from two adapters) is reported on load.
 """
 
 from __future__ import annotations
@@ -13,17 +13,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import mmap
 import os
-import shutil
-import tempfile
+import stat
+import struct
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
+
+from ..core import nonfinite_count
+from . import atomic
 
 __all__ = [
     "CONFIG_NAME",
@@ -53,19 +59,27 @@ class AdapterFileError(ValueError):
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Folders that earlier versions left inside an adapter directory when a save was killed (tempfile.mkdtemp's names).
+_LEGACY_TMP = r"\.adapter-tmp-[a-z0-9_]{8}"
 
 
 def write_adapter(
     directory: str | os.PathLike[str], config: Mapping[str, Any], tensors: Mapping[str, Tensor]
 ) -> Path:
-    """Write the two adapter files into `directory` (created if needed), replacing an earlier adapter only on
-    success.
+    """Write the two adapter files into `directory` (created if needed): wherever the process is killed,
+    `directory` holds the complete old adapter or the complete new one, never a mix, and everything else it held.
+
+    The new directory is built as a hidden sibling, `.<name>.loraredux-save-<random>`, with the two new files and
+    hard links to the other entries, then swapped with `directory` in one atomic `renameat2(RENAME_EXCHANGE)`
+    (`atomic.replace_directory_files`, which states the guarantee and its limits). What a killed earlier save left
+    is cleaned up first: hidden siblings, and the `.adapter-tmp-*` folders older versions left inside `directory`.
+    A new directory gets the usual mode (0o777 less the umask), an existing one keeps its own; the two files get
+    0o666 less the umask.
+
+    A reader that opens the config before the swap and the weights after it still gets a mix (no save done through
+    paths can prevent that); the weights' metadata holds the SHA-256 of their config, so `read_adapter` warns of
+    such a pair, while PEFT, vLLM and llama.cpp do not check it. Without `RENAME_EXCHANGE` (not Linux, some network
+    file systems) `directory` is briefly absent during a save instead.
 
     Args:
         directory: where the adapter goes.
@@ -76,65 +90,66 @@ def write_adapter(
         The directory as a `Path`.
     """
     text = json.dumps(config, indent=2) + "\n"  # fails here, before anything is written
-    directory = Path(directory)
-    created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-tmp-", dir=directory))
-    try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(tmp / WEIGHTS_NAME),
-            metadata={"format": "pt", _CONFIG_HASH: _sha256(text.encode("utf-8"))},
-        )
-        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(tmp / name)
-        # Each rename is atomic, the pair is not. A crash in between leaves the old config beside the new
-        # weights, whose config hash then disagrees: `read_adapter` warns of such a pair.
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(tmp / name, directory / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):  # only removes it if still empty
-                directory.rmdir()
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    raw = text.encode("utf-8")
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"format": "pt", _CONFIG_HASH: _sha256(raw)}
+
+    def write_weights(path: Path) -> None:
+        save_file(cpu, str(path), metadata=metadata)
+
+    atomic.remove_stale_folders(directory, _LEGACY_TMP, (CONFIG_NAME, WEIGHTS_NAME))
+    files = {WEIGHTS_NAME: write_weights, CONFIG_NAME: raw}
+    return atomic.replace_directory_files(directory, files)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write `data` as JSON to `path` through a temporary file in the same folder and a rename."""
+    """Write `data` as JSON to `path` as `write_text_atomic` does."""
     text = json.dumps(data, indent=2) + "\n"  # fails here, before anything is written
     return write_text_atomic(path, text)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_text_atomic(path: str | os.PathLike[str], text: str | bytes) -> Path:
-    """Write `text` (a str as UTF-8, or bytes as they are) to `path` through a temporary file in the same folder
-    and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        # mkstemp makes 0600; a written file gets the usual permissions
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `text` (a str as UTF-8, or bytes as they are) to `path`: readers, and a kill at any point, see the old
+    file or the new one.
+
+    A temporary file in the same folder (`.<name>.<random>.tmp`) is written and fsynced, then renamed over `path`;
+    one that a killed earlier write to `path` left is removed first (`atomic.replace_file`). The file gets the
+    usual permissions (0o666 less the umask).
+    """
+    return atomic.replace_file(path, text.encode("utf-8") if isinstance(text, str) else bytes(text))
 
 
 # ----------------------------------------------------------------------------------------------- reading
+
+# Bounds on what a reader allocates before it knows a file is sane: a real adapter_config.json is a few KiB,
+# and its deepest field (AdaLoRA's rank_pattern of masks) nests 3 levels.
+_CONFIG_LIMIT = 64 << 20
+_MAX_DEPTH = 64
+# safetensors' dtype names: (torch dtype name, bytes per element)
+_DTYPES = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+    "C64": ("complex64", 8),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_DTYPES_BY_TORCH = {
+    getattr(torch, name): width for name, width in _DTYPES.values() if hasattr(torch, name)
+}
 
 
 def _refuse_pickles(directory: Path) -> None:
@@ -148,54 +163,360 @@ def _refuse_pickles(directory: Path) -> None:
         )
 
 
-def _read_config(path: Path) -> tuple[dict[str, Any], bytes]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path.parent}")
-    raw = path.read_bytes()
+def _kind(mode: int) -> str:
+    """What a file of this `st_mode` is, in words."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+    )
+    return next((words for test, words in kinds if test(mode)), "a special file")
+
+
+def _target_kind(target: Path) -> str:
     try:
-        config = json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{path} is not valid JSON: {err}") from err
+        return _kind(os.stat(target).st_mode)  # stat opens nothing, so a FIFO cannot block here
+    except OSError:
+        return "which does not exist"
+
+
+def _open_regular(path: Path, directory: Path) -> int | None:
+    """A read-only descriptor of `path` if it is a regular file; None if there is no such entry.
+
+    The entry is inspected with lstat / stat before it is opened, so a FIFO (whose open would block) or a
+    device (/dev/zero never ends) is named, never read. A symlink is followed only to a regular file inside
+    `directory`. The open is non-blocking and must yield the very file inspected, so a swap in between is
+    caught too.
+
+    Raises:
+        AdapterFileError: not a regular file, a symlink leaving the directory, or a dangling symlink.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(Path(os.path.realpath(directory))):
+            raise AdapterFileError(
+                f"{path} is a symlink pointing outside the adapter directory (to {target}, "
+                f"{_target_kind(target)}), not a regular file; copy the file into {directory} instead"
+            )
+        try:
+            info = os.stat(path)
+        except OSError as err:
+            raise AdapterFileError(
+                f"{path} is a symlink to {target}, which cannot be read ({err.strerror})"
+            ) from err
+    if not stat.S_ISREG(info.st_mode):
+        raise AdapterFileError(f"{path} is {_kind(info.st_mode)}, not a regular file")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags)
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+        os.close(fd)
+        raise AdapterFileError(f"{path} was replaced while it was being opened; load it again")
+    return fd
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    while size > 0 and (chunk := os.read(fd, min(size, 1 << 24))):
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+class _JSONProblem(ValueError):
+    """Raised from inside `json.loads` by the hooks below (a duplicate key, NaN / Infinity)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal keys silently; safetensors' own parser does the same, so a file whose
+    # header or config says one thing to one reader and another to the next is refused.
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _JSONProblem(f"the key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str) -> Any:
+    raise _JSONProblem(f"{name} is not JSON (Python's json reads it, other readers do not)")
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (iteratively: no recursion on a hostile file)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            if level <= _MAX_DEPTH:
+                stack += [(x, level + 1) for x in item]
+    return deepest
+
+
+def _parse_json(raw: bytes, where: str) -> Any:
+    """JSON from `raw` (UTF-8), refusing duplicate keys, NaN / Infinity and deep nesting.
+
+    Raises:
+        AdapterFileError: naming `where` and the problem.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(
+            f"{where} is not UTF-8 text (byte {err.start}: {err.reason}); expected JSON"
+        ) from err
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _JSONProblem as err:
+        raise AdapterFileError(f"{where} is not valid JSON: {err}") from err
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{where} is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise AdapterFileError(
+            f"{where} nests JSON too deeply to be an adapter file (at most {_MAX_DEPTH} levels)"
+        ) from err
+    if _depth(value) > _MAX_DEPTH:
+        raise AdapterFileError(
+            f"{where} nests JSON more than {_MAX_DEPTH} levels deep; an adapter file does not"
+        )
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    kinds = ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"))
+    kinds += (((int, float), "a number"),)
+    return next((words for cls, words in kinds if isinstance(value, cls)), "null")
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], bytes]:
+    fd = _open_regular(path, path.parent)
+    if fd is None:
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path.parent}")
+    try:
+        size = os.fstat(fd).st_size
+        if size > _CONFIG_LIMIT:
+            raise AdapterFileError(
+                f"{path} is {size} bytes, too large for an adapter config (at most {_CONFIG_LIMIT})"
+            )
+        raw = _read_all(fd, size)
+    finally:
+        os.close(fd)
+    if not raw.strip():
+        raise AdapterFileError(f"{path} is empty; expected a JSON object")
+    config = _parse_json(raw, str(path))
     if not isinstance(config, dict):
-        raise AdapterFileError(f"{path} must hold a JSON object, found {type(config).__name__}")
+        raise AdapterFileError(f"{path} must hold a JSON object, found {_json_kind(config)}")
     return config, raw
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-            return tensors, f.metadata() or {}
-    except SafetensorError as err:
+def _header_entry(name: str, entry: Any, where: str) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one tensor's header entry, every field checked."""
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        got = sorted(entry) if isinstance(entry, dict) else _json_kind(entry)
         raise AdapterFileError(
-            f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt: "
+            f"{where}: tensor {name!r} must be described by {sorted(_ENTRY_KEYS)}, got {got}"
+        )
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    known = {k: v for k, v in _DTYPES.items() if hasattr(torch, v[0])}
+    if not isinstance(code, str) or code not in known:
+        raise AdapterFileError(
+            f"{where}: tensor {name!r} has dtype {code!r}; safetensors' dtypes are {sorted(known)}"
+        )
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise AdapterFileError(
+            f"{where}: tensor {name!r} has shape {shape!r}; expected a list of integers >= 0"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets))):
+        raise AdapterFileError(
+            f"{where}: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end], integers >= 0"
+        )
+    begin, end = offsets
+    torch_name, size = known[code]
+    need = math.prod(shape) * size
+    if end < begin or end - begin != need:
+        raise AdapterFileError(
+            f"{where}: tensor {name!r} has data_offsets [{begin}, {end}], but its dtype {code} and shape "
+            f"{shape} need {need} bytes"
+        )
+    return getattr(torch, torch_name), shape, begin, end
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+
+def _check_layout(
+    entries: dict[str, tuple[Any, Any, int, int]], data_size: int, where: str
+) -> None:
+    """The tensors' byte ranges must tile the data exactly, as safetensors writes them: no range past the end,
+    none overlapping another, no gap and nothing after the last."""
+    past = [(n, e) for n, (_, _, _, e) in entries.items() if e > data_size]
+    if past:
+        name, end = past[0]
+        raise AdapterFileError(
+            f"{where}: tensor {name!r} ends at byte {end} of the data, but the file holds {data_size} bytes "
+            "after its header: it is truncated or corrupt; save the adapter again"
+        )
+    at, previous = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin < at:
+            raise AdapterFileError(
+                f"{where}: tensor {name!r} (data_offsets [{begin}, {end}]) overlaps tensor {previous!r}"
+            )
+        if begin > at:
+            raise AdapterFileError(
+                f"{where}: bytes [{at}, {begin}) of the data belong to no tensor (before {name!r})"
+            )
+        at, previous = end, name
+    if at != data_size:
+        raise AdapterFileError(
+            f"{where}: {data_size - at} byte(s) after the last tensor belong to no tensor"
+        )
+
+
+def _parse_header(buffer: Any, size: int, path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
+    """The checked header of a safetensors file: ({name: (dtype, shape, begin, end)}, metadata, where the
+    data starts). The format is an 8-byte little-endian header length, a JSON header, then the data."""
+    (length,) = struct.unpack("<Q", buffer[:8])
+    if length > size - 8:
+        raise AdapterFileError(
+            f"{path}: its safetensors header claims {length} bytes, but only {size - 8} follow: the file is "
+            "truncated or corrupt; save the adapter again"
+        )
+    where = f"{path} (safetensors header)"
+    header = _parse_json(bytes(buffer[8 : 8 + length]), where)
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{where} must be a JSON object, found {_json_kind(header)}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise AdapterFileError(f"{where}: __metadata__ must map strings to strings")
+    entries = {name: _header_entry(name, entry, where) for name, entry in header.items()}
+    _check_layout(entries, size - 8 - length, where)
+    return entries, metadata, 8 + length
+
+
+def _decode(buffer: Any, entries: dict[str, Any], start: int, path: Path) -> dict[str, Tensor]:
+    """The tensors, each copied out of `buffer` into its own memory."""
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        try:
+            if begin == end:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+                continue
+            width = _DTYPES_BY_TORCH[dtype]
+            flat = torch.frombuffer(
+                buffer, dtype=torch.uint8, count=end - begin, offset=start + begin
+            )
+            if dtype == torch.bool and bool((flat > 1).any()):
+                raise AdapterFileError(
+                    f"{path}: bool tensor {name!r} holds bytes other than 0 and 1"
+                )
+            if sys.byteorder == "big" and width > 1:  # safetensors is little-endian
+                flat = flat.view(-1, width).flip(1).reshape(-1)
+            tensors[name] = flat.view(dtype).reshape(shape).clone()
+            del flat
+        except (RuntimeError, ValueError, OverflowError) as err:
+            if isinstance(err, AdapterFileError):
+                raise
+            raise AdapterFileError(f"{path}: tensor {name!r} cannot be read ({err})") from err
+    return tensors
+
+
+def _read_tensors(fd: int, path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of the safetensors file open as `fd`, parsed here (not by safetensors, whose
+    parser keeps the last of two equal keys) and copied out of a private memory map."""
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise AdapterFileError(
+            f"{path} is {size} bytes long, shorter than a safetensors header: it is truncated or corrupt; "
             "save the adapter again"
-        ) from err
+        )
+    try:  # ACCESS_COPY: writable for torch.frombuffer, never written back to the file
+        buffer: Any = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):  # a file system without memory maps
+        buffer = bytearray(_read_all(fd, size))
+    try:
+        entries, metadata, start = _parse_header(buffer, size, path)
+        return _decode(buffer, entries, start, path), metadata
+    finally:
+        if isinstance(buffer, mmap.mmap):
+            # a view still alive (held by a traceback) forbids closing: the GC closes the map then
+            with contextlib.suppress(BufferError):
+                buffer.close()
 
 
-def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The adapter config (JSON object) and tensors in `directory`; nothing else is read.
+def _refuse_nonfinite(tensors: Mapping[str, Tensor], path: Path) -> None:
+    for key, tensor in tensors.items():
+        bad = nonfinite_count(tensor)
+        if bad:
+            raise AdapterFileError(
+                f"{path}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; an "
+                "adapter with them computes NaN or Inf. Load it with allow_nonfinite=True to inspect it anyway"
+            )
+
+
+def read_adapter(
+    directory: str | os.PathLike[str], *, allow_nonfinite: bool = False
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The adapter config (JSON object) and tensors in `directory`; nothing else is read, nothing unpickled.
+
+    Refused, each with an error naming the file and what is wrong in it:
+    - a missing directory or file (FileNotFoundError), or only a pickled weights file (`adapter_model.bin`,
+      never unpickled);
+    - an entry that is not a regular file: a directory, FIFO (never opened, it would block), device, socket,
+      or a symlink leaving the directory (a symlink to a regular file inside it is followed);
+    - a config that is empty, over 64 MiB, not UTF-8, not JSON, not a JSON object, nested over 64 levels, or
+      holds a duplicate key or NaN / Infinity;
+    - a safetensors file that is truncated, whose header length runs past the file, whose header is not a JSON
+      object of well-formed entries (known dtype, shape, data_offsets), holds a duplicate key, or whose
+      tensors' byte ranges overlap, leave gaps or run past the file;
+    - unless `allow_nonfinite`, a floating-point tensor holding NaN or Inf.
+
+    Whether the tensors fit a model (names, shapes, dtypes) is checked by the loader.
+
+    Args:
+        directory: the adapter directory.
+        allow_nonfinite: read NaN / Inf values too.
 
     Raises:
         FileNotFoundError: the directory, its config or its safetensors file is missing.
-        AdapterFileError: only a pickled weights file is present, or a file is not valid JSON / safetensors.
+        AdapterFileError: any of the above.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no adapter directory {directory}")
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
+    fd = _open_regular(weights, directory)
+    if fd is None:
         _refuse_pickles(directory)
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-    config, raw = _read_config(directory / CONFIG_NAME)
-    tensors, metadata = _read_tensors(weights)
+    try:
+        config, raw = _read_config(directory / CONFIG_NAME)
+        tensors, metadata = _read_tensors(fd, weights)
+    finally:
+        os.close(fd)
+    if not allow_nonfinite:
+        _refuse_nonfinite(tensors, weights)
     saved_with = metadata.get(_CONFIG_HASH)
     if saved_with is not None and saved_with != _sha256(raw):
         # A hand edit (say, of base_model_name_or_path) is legitimate, so this warns; keys and shapes are still
         # checked against the model, and a config that does not fit is refused there.
         warnings.warn(
-            f"{directory / CONFIG_NAME} is not the config {WEIGHTS_NAME} was saved with: it was edited, a save "
-            "was interrupted between its two files, or the files come from two adapters",
+            f"{directory / CONFIG_NAME} is not the config {WEIGHTS_NAME} was saved with: it was edited, read "
+            "while a save replaced the directory, or the files come from two adapters",
             stacklevel=3,
         )
     return config, tensors
@@ -206,7 +527,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the directory or its config is missing.
-        AdapterFileError: the config is not a JSON object.
+        AdapterFileError: the config is not a regular file or not a JSON object (see `read_adapter`).
     """
     directory = Path(directory)
     if not directory.is_dir():

@@ -16,8 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, SavedModule, check_tensors, config_from_dict
+from ..core import (
+    Adapter,
+    AdapterConfig,
+    SavedModule,
+    check_tensors,
+    config_from_dict,
+)
+from ..fieldtypes import short_repr
 from ..verbs import adapt_, adapter_state_dict, state_of
+from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
 from .layout import (
     adapted_layers,
     base_model_name,
@@ -62,6 +70,9 @@ def _fill(
     built: dict[str, Adapter],
     saved: dict[str, SavedModule],
 ) -> None:
+    """Load the file's tensors into the adapters before they are swapped in: every tensor is checked (names,
+    shapes, dtypes) before any is copied, and a base that the loaded state moves (PiSSA's A0, B0) is only
+    recorded here (`lx.adapt_` runs this under `deferring_base_changes` and commits it last)."""
     absent = sorted(set(layers) - set(built))
     if absent:
         raise ValueError(f"the adapter file has layers that the model does not have: {absent[:10]}")
@@ -74,28 +85,75 @@ def _fill(
     try:
         values = check_tensors(tensors, own)
     except ValueError as err:
-        raise ValueError(f"the adapter file does not fit the model: {err}") from err
+        raise ValueError(f"{WEIGHTS_NAME} does not fit the model: {err}") from err
     with torch.no_grad():
         for key, value in values.items():
             own[key].copy_(value)
-    for adapter in built.values():  # derived state, e.g. a base moved by the saved initial factors
-        adapter.after_load_()
+    # derived state, e.g. a base moved by the saved initial factors (recorded, committed by adapt_)
+    for path, adapter in built.items():
+        try:
+            adapter.after_load_()
+        except ValueError as err:
+            raise ValueError(f"{WEIGHTS_NAME}: layer {path!r}: {err}") from err
+
+
+def _field(fields: dict[str, Any], key: str, kind: type, words: str, optional: bool = False) -> Any:
+    """`fields[key]`, refused unless it is a `kind` (or absent / null where `optional`)."""
+    value = fields.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind):
+        got = "nothing" if key not in fields else short_repr(value)
+        raise AdapterFileError(f"{CONFIG_NAME}: {key!r} must be {words}, got {got}")
+    return value
+
+
+def _check_version(fields: dict[str, Any]) -> None:
+    version = fields.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{CONFIG_NAME}: loraredux adapter format_version {version} is newer than this loraredux reads "
+            f"({FORMAT_VERSION}); upgrade loraredux"
+        )
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        got = "nothing" if "format_version" not in fields else short_repr(version)
+        raise AdapterFileError(
+            f"{CONFIG_NAME}: 'format_version' must be the integer {FORMAT_VERSION} (this version's), got {got}"
+        )
+
+
+def _config(data: Any, where: str) -> AdapterConfig:
+    if not isinstance(data, dict):
+        raise AdapterFileError(
+            f"{CONFIG_NAME}: {where} must be an object (a config), got {short_repr(data)}"
+        )
+    try:
+        return config_from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise AdapterFileError(f"{CONFIG_NAME}: {where}: {err}") from err
 
 
 def _read_layers(fields: dict[str, Any]) -> tuple[AdapterConfig, dict[str, AdapterConfig]]:
-    version = fields.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"loraredux adapter format_version {version!r} is not readable here (this version reads "
-            f"{FORMAT_VERSION}); upgrade loraredux"
+    """The shared config and each layer's, every field checked (named with the expected type when wrong)."""
+    _check_version(fields)
+    method = _field(fields, "method", str, "a method name (a string)")
+    shared = _config(_field(fields, "config", dict, "an object (the shared config)"), "'config'")
+    entries = _field(fields, "layers", dict, "an object of {module path: config}")
+    if not entries or not all(entries):
+        raise AdapterFileError(
+            f"{CONFIG_NAME}: 'layers' must name at least one layer, by a non-empty module path"
         )
-    shared = config_from_dict(fields["config"])
-    layers = {path: config_from_dict(d) for path, d in fields["layers"].items()}
-    if not layers:
-        raise ValueError("the loraredux adapter file lists no layers")
-    methods = {shared.method, fields.get("method"), *(c.method for c in layers.values())}
+    layers = {path: _config(d, f"layers[{path!r}]") for path, d in entries.items()}
+    methods = {shared.method, method, *(c.method for c in layers.values())}
     if len(methods) != 1:
-        raise ValueError(f"the loraredux adapter file mixes methods {sorted(map(str, methods))}")
+        raise AdapterFileError(
+            f"{CONFIG_NAME}: the loraredux adapter file mixes methods {sorted(map(str, methods))}"
+        )
+    saved = _field(fields, "modules_to_save", list, "a list of module paths", optional=True)
+    if saved is not None and not all(isinstance(p, str) and p for p in saved):
+        raise AdapterFileError(
+            f"{CONFIG_NAME}: 'modules_to_save' must be a list of module paths, got {short_repr(saved)}"
+        )
     return shared, layers
 
 
@@ -103,15 +161,13 @@ def load(model: nn.Module, fields: dict[str, Any], tensors: dict[str, Tensor]) -
     """Adapt a bare model as a loraredux `adapter_config.json` says and load the tensors into it.
 
     Raises:
-        ValueError: an unreadable format version, an unknown method or field, or tensors whose keys or shapes
-            do not fit the model (named); the model is left as it was.
+        AdapterFileError: a format_version other than this one (a newer one says to upgrade), or a config
+            field that is missing or of the wrong type (named, with the type expected).
+        ValueError: an unknown method or field, or tensors whose keys, shapes or dtypes do not fit the model,
+            or a base that the saved initial factors would move to NaN / Inf (named); the model is left as it
+            was.
     """
-    try:
-        shared, layers = _read_layers(fields)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(
-            f"malformed loraredux adapter config ({type(err).__name__}: {err})"
-        ) from err
+    shared, layers = _read_layers(fields)
     rank_pattern, alpha_pattern = split_patterns(shared, layers)
     return adapt_(
         model,

@@ -18,21 +18,32 @@ not ranks) names those keys in `Config.peft_layer_keys`: io then leaves them out
 patterns, writes each adapter's `adapter.peft_layer_fields()` (`{key: {name: value}}`) as `"<layer path>.<name>"`
 entries (None when no layer has one), and on load hands each adapter its entries through
 `adapter.load_peft_layer_fields({key: {name: value}})` before `adapter.load_peft_tensors(tensors)`.
+
+A method whose PEFT config class lacks some of the generic fields (VeRA's has no `rank_pattern`) names them in
+`Config.peft_absent_fields`: they are left out of the file, and a value that needs one is refused.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, AdapterConfig, SavedModule, available_methods, check_tensors
+from ..core import (
+    Adapter,
+    AdapterConfig,
+    SavedModule,
+    available_methods,
+    check_tensors,
+)
 from ..core import config_class as _config_class
+from ..fieldtypes import short_repr
 from ..verbs import adapt_, saved_modules, shared_modules_of
+from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
 from .layout import (
     adapted_layers,
     base_model_name,
@@ -202,6 +213,7 @@ def to_files(model: nn.Module, convert: bool = True) -> tuple[dict[str, Any], di
         # Only where it applies: some PEFT configs (LyCORIS ones) have no such field and warn on it.
         config["fan_in_fan_out"] = True
     config.update(_layer_fields(shared, layers, config))
+    _drop_absent_fields(shared, config)
     tensors = {
         f"{PREFIX}{path}.{name}": tensor
         for path, (_, layer_tensors) in exports.items()
@@ -213,6 +225,18 @@ def to_files(model: nn.Module, convert: bool = True) -> tuple[dict[str, Any], di
     for path, module in saved_modules(model):
         tensors.update({f"{PREFIX}{path}.{k}": v for k, v in module.module.state_dict().items()})
     return config, tensors
+
+
+def _drop_absent_fields(shared: AdapterConfig, config: dict[str, Any]) -> None:
+    """Leave out the generic fields that the method's PEFT config class lacks (`Config.peft_absent_fields`):
+    PEFT reads a file with fields its class does not know as one from a newer PEFT, and warns."""
+    for key in getattr(type(shared), "peft_absent_fields", ()):
+        if config.get(key):
+            raise ValueError(
+                f"PEFT's {type(shared).peft_type} config has no {key}, so it cannot hold {config[key]!r}; "
+                "save with format='native'"
+            )
+        config.pop(key, None)
 
 
 def _layer_fields(
@@ -238,6 +262,96 @@ def _layer_fields(
 # ----------------------------------------------------------------------------------------------- loading
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or test(value)
+
+
+_INT = (_is_int, "an integer")
+_NUMBER = (_is_number, "a number")
+_DROPOUT = (_optional(_is_number), "a number")  # methods read null as 0, as PEFT's defaults are
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_TEXT = (_optional(lambda v: isinstance(v, str)), "a string or null")
+_PATTERN = (
+    _optional(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+    "an object of {module key: value} or null",
+)
+# The types of PEFT config fields as PEFT's config classes declare them (a name means the same in each class
+# that has it), checked before a method's `from_peft_fields` converts a value: int("8"), float("8") or
+# bool("false") (True) would read a wrong or silently converted value, float([8]) a bare TypeError.
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "task_type": _TEXT,
+    "base_model_name_or_path": _TEXT,
+    "revision": _TEXT,
+    "bias": _TEXT,
+    "inference_mode": _BOOL,
+    "fan_in_fan_out": _BOOL,
+    "use_rslora": _BOOL,
+    "use_dora": _BOOL,
+    "decompose_both": _BOOL,
+    "rank_dropout_scale": _BOOL,
+    "save_projection": _BOOL,
+    "r": _INT,
+    "init_r": _INT,
+    "target_r": _INT,
+    "tinit": _INT,
+    "tfinal": _INT,
+    "deltaT": _INT,
+    "decompose_factor": _INT,
+    "projection_prng_key": _INT,
+    "total_step": (_optional(_is_int), "an integer or null"),
+    "lora_alpha": _NUMBER,
+    "alpha": _NUMBER,
+    "beta1": _NUMBER,
+    "beta2": _NUMBER,
+    "orth_reg_weight": _NUMBER,
+    "d_initial": _NUMBER,
+    "lora_dropout": _DROPOUT,
+    "hira_dropout": _DROPOUT,
+    "vera_dropout": _DROPOUT,
+    "rank_dropout": _DROPOUT,
+    "module_dropout": _DROPOUT,
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an init name"),
+    "init_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an init name"),
+    "target_modules": (
+        _optional(lambda v: isinstance(v, str) or _is_names(v)),
+        "a regex string or a list of module names",
+    ),
+    "exclude_modules": (
+        _optional(lambda v: isinstance(v, str) or _is_names(v)),
+        "a regex string, a list of module names or null",
+    ),
+    "modules_to_save": (_optional(_is_names), "a list of module names or null"),
+    "rank_pattern": _PATTERN,
+    "alpha_pattern": _PATTERN,
+}
+
+
+def _check_field_types(fields: dict[str, Any]) -> None:
+    """Refuse a PEFT config field whose value is not of the type PEFT declares for it.
+
+    Raises:
+        AdapterFileError: `"adapter_config.json: 'r' must be an integer, got str '8'"`.
+    """
+    for key, (fits, words) in _FIELD_TYPES.items():
+        if key in fields and not fits(fields[key]):
+            raise AdapterFileError(
+                f"{CONFIG_NAME}: {key!r} must be {words}, got {short_repr(fields[key])}"
+            )
+
+
 def _method_config(fields: dict[str, Any]) -> AdapterConfig:
     """The one registered config whose `peft_type` matches and whose `from_peft_fields` accepts the fields."""
     peft_type = fields.get("peft_type")
@@ -250,7 +364,7 @@ def _method_config(fields: dict[str, Any]) -> AdapterConfig:
     for cls in candidates:
         try:
             accepted.append(cls.from_peft_fields(fields))
-        except ValueError as err:
+        except (ValueError, TypeError) as err:  # a method's own fields of an unexpected type, too
             refusals.append(f"{cls.method}: {err}")
     if len(accepted) != 1:
         why = (
@@ -327,11 +441,15 @@ def _fill(
         )
     for bank in banks:
         try:
+            _check_floating(shared)  # a bank copies them in its own way
             bank.load_peft_tensors(shared)
         except ValueError as err:
-            raise ValueError(f"shared tensors (base_model.*): {err}") from err
-    groups = _group(tensors, [*built, *saved])
-    base_tables: list[tuple[str, Tensor, Tensor]] = []
+            raise ValueError(f"{WEIGHTS_NAME}: shared tensors (base_model.*): {err}") from err
+    try:
+        groups = _group(tensors, [*built, *saved])
+    except ValueError as err:
+        raise ValueError(f"{WEIGHTS_NAME}: {err}") from err
+    base_tables: list[tuple[str, Adapter, dict[str, Tensor]]] = []
     for path, adapter in built.items():
         own = {k: v for k, v in groups[path].items() if not k.startswith(_BASE_LAYER)}
         base = {
@@ -344,40 +462,56 @@ def _fill(
             state = adapter.base.state_dict()
             check_tensors(base, {k: state[k] for k in base if k in state})
         except ValueError as err:
-            raise ValueError(f"layer {path!r} ({PREFIX}{path}.*): {err}") from err
-        base_tables += [(f"{path}.{k}", state[k], v) for k, v in base.items()]
+            raise ValueError(f"{WEIGHTS_NAME}: layer {path!r} ({PREFIX}{path}.*): {err}") from err
+        if base:
+            base_tables.append((path, adapter, base))
     for path, module in saved.items():
         own = module.module.state_dict()
         try:
             values = check_tensors(groups[path], own)
         except ValueError as err:
-            raise ValueError(f"module to save {path!r} ({PREFIX}{path}.*): {err}") from err
+            raise ValueError(
+                f"{WEIGHTS_NAME}: module to save {path!r} ({PREFIX}{path}.*): {err}"
+            ) from err
         with torch.no_grad():
             for key, value in values.items():
                 own[key].copy_(value)
     _load_base_tables(base_tables)
 
 
-@torch.no_grad()
-def _load_base_tables(tables: list[tuple[str, Tensor, Tensor]]) -> None:
-    """PEFT saves an adapted embedding's table too (`save_embedding_layers`) and loads it into the base."""
-    for name, target, value in tables:
-        if not torch.equal(target, value.to(target.dtype)):
+def _check_floating(tensors: dict[str, Tensor]) -> None:
+    wrong = {k: str(v.dtype) for k, v in tensors.items() if not v.is_floating_point()}
+    if wrong:
+        raise ValueError(f"expected floating-point tensors, got {wrong}")
+
+
+def _load_base_tables(tables: list[tuple[str, Adapter, dict[str, Tensor]]]) -> None:
+    """PEFT saves an adapted embedding's table too (`save_embedding_layers`) and loads it into the base.
+
+    The adapter applies it when `lx.adapt_` commits (nothing changes if the load fails before) and keeps the
+    original, so `lx.unadapt_` restores it (`Adapter.load_base_tensors_`).
+    """
+    for path, adapter, values in tables:
+        state = adapter.base.state_dict()
+        changed = [k for k, v in values.items() if not torch.equal(state[k], v.to(state[k].dtype))]
+        if changed:
             warnings.warn(
-                f"the adapter file replaces the base weights {name} (PEFT's save_embedding_layers); "
-                "lx.unadapt_ will not bring back the old values",
-                stacklevel=4,
+                f"the adapter file replaces the base weights {', '.join(f'{path}.{k}' for k in changed)} "
+                "(PEFT's save_embedding_layers); lx.unadapt_ restores the original ones",
+                stacklevel=5,
             )
-        target.copy_(value)
+        adapter.load_base_tensors_(values)
 
 
 def load(model: nn.Module, fields: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
     """Adapt a bare model as a PEFT `adapter_config.json` says and load the PEFT tensors into it.
 
     Raises:
-        ValueError: unknown `peft_type`, fields loraredux does not read, or tensors whose keys or shapes do not
-            fit the model (named); the model is left as it was.
+        AdapterFileError: a known PEFT field of the wrong type (named, with the type expected).
+        ValueError: unknown `peft_type`, fields loraredux does not read, or tensors whose keys, shapes or dtypes
+            do not fit the model (named); the model is left as it was.
     """
+    _check_field_types(fields)
     method_config = _method_config(fields)
     _check_generic_fields(fields)
     own_keys = tuple(getattr(type(method_config), "peft_layer_keys", ()))
