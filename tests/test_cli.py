@@ -1,11 +1,13 @@
 """The command line, end to end on the packaged MiniLM: train, then PEFT, inspect and merge agree on the result."""
 
 import json
+import shlex
 
 import pytest
 import torch
 
 import loraredux as lx
+from loraredux import checkpoint
 from loraredux.cli import build_parser, main
 
 
@@ -233,3 +235,194 @@ def test_a_cross_layer_method_trains_saves_inspects_and_merges(tmp_path, capsys)
     merged = tmp_path / "merged"
     assert main(["merge", str(out), "--out", str(merged)]) == 0
     assert (merged / "config.json").is_file()
+
+
+# --------------------------------------------------------------------- checkpoints, resume, interrupts, --out
+# On a toy task (a 3-layer MLP with query/value layers, `build_task` replaced): the train command's own logic,
+# without a model to load. tests/test_kill_resume.py kills real runs on a real (tiny) model.
+
+
+class Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.value = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.classifier = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.tanh(self.value(torch.tanh(self.query(x)))))
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """`build_task` gives the toy task; `toy.bad_step` makes the loss NaN, `toy.stop_step` raises
+    KeyboardInterrupt (Ctrl-C), at that training step; `toy.loads` counts the model loads."""
+    import torch.nn.functional as F
+
+    from loraredux.cli import train as cli_train
+    from loraredux.tasks import Task
+    from loraredux.train import epoch_batches
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    state = type("Toy", (), {"bad_step": None, "stop_step": None, "loads": 0})()
+    batches = epoch_batches(list(range(32)), 4, lambda rows: (x[rows], y[rows]), seed=0)
+    micro = {"i": 0}
+
+    def get(i: int):
+        micro["i"] = i
+        return batches(i)
+
+    def loss_fn(model, batch):
+        step = micro["i"] + 1
+        if model.training and step == state.stop_step:
+            raise KeyboardInterrupt
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        return loss * float("nan") if model.training and step == state.bad_step else loss
+
+    def evaluate(model):
+        with torch.no_grad():
+            return {"accuracy": float((model(x).argmax(1) == y).float().mean())}
+
+    def build_task(args):
+        state.loads += 1
+        torch.manual_seed(args.seed)
+        task = Task("classification", "accuracy", True, get, loss_fn, evaluate, 32,
+                    ["query", "value"], ["classifier"])  # fmt: skip
+        return Toy(), task, "toy"
+
+    monkeypatch.setattr(cli_train, "build_task", build_task)
+    return state
+
+
+TOY = ["train", "--steps", "6", "--rank", "2", "--dropout", "0.1", "--lr", "0.01", "--no-progress"]
+
+
+def _toy_outcome(out) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("seconds")
+    return load_file(out / "adapter_model.safetensors"), metrics
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--save-every", "2"], "--save-every needs --out DIR"),
+        (["--resume"], "--resume needs --out DIR"),
+        (["--save-every", "0"], None),  # refused by the parser
+    ],
+)
+def test_checkpoint_flags_need_out(extra, message, toy, capsys):
+    if message is None:
+        with pytest.raises(SystemExit):
+            main([*TOY, *extra])
+        assert "must be an integer >= 1" in capsys.readouterr().err
+    else:
+        assert main([*TOY, *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert toy.loads == 0
+
+
+def test_an_unusable_out_is_refused_in_one_line_before_loading(toy, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main([*TOY, "--out", str(blocker)]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"error: --out {blocker} exists and is not a directory"
+    )
+    assert main([*TOY, "--out", str(blocker / "run" / "deeper")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {blocker / 'run' / 'deeper'}: {blocker} is a file, not a directory"
+    )
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    assert main([*TOY, "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"error: --out {tmp_path / 'new'}: cannot write in {tmp_path} (Permission denied); "
+        + ("choose a writable folder")
+    )
+    assert toy.loads == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_ctrl_c_prints_where_the_checkpoint_is_and_the_command_that_resumes(toy, tmp_path, capsys):
+    full = tmp_path / "full"
+    assert main([*TOY, "--save-every", "2", "--out", str(full)]) == 0
+    out = tmp_path / "run"
+    argv = [*TOY, "--save-every", "2", "--out", str(out)]
+    toy.stop_step = 5
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    command = shlex.join(["loraredux", *argv, "--resume"])
+    assert command.endswith(f"--save-every 2 --out {out} --resume")
+    expected = (
+        f"interrupted; the last checkpoint is {out / 'checkpoint'} (step 4); resume with: {command}"
+    )
+    assert err.strip() == expected
+    toy.stop_step = None
+    assert main(shlex.split(command)[1:]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    ours, theirs = _toy_outcome(out), _toy_outcome(full)
+    assert ours[1] == theirs[1]
+    for key, value in ours[0].items():
+        assert torch.equal(value, theirs[0][key]), key
+    assert main([*TOY, "--save-every", "2", "--out", str(out)]) == 2  # a new run would overwrite it
+    assert "holds a checkpoint of an earlier run" in capsys.readouterr().err
+    toy.stop_step = 2
+    assert main([*TOY, "--out", str(tmp_path / "plain")]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted; no checkpoint was written (train with --save-every N --out DIR to resume later)"
+    )
+
+
+def test_resume_refuses_a_missing_checkpoint_or_other_options_before_loading(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TOY, "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --resume: no checkpoint in {out / 'checkpoint'}; start the run with --save-every N --out {out}"
+    )
+    toy.stop_step = 4
+    assert main([*TOY, "--save-every", "2", "--out", str(out)]) == 130
+    loads = toy.loads
+    other = [a if a != "0.01" else "0.02" for a in TOY]
+    assert main([*other, "--rank", "3", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was written by a run with other options" in err
+    assert "--rank 2 there, 3 here" in err and "--lr 0.01 there, 0.02 here" in err
+    assert toy.loads == loads  # refused before loading anything
+
+
+def test_a_diverged_run_is_one_line_naming_the_step_and_the_checkpoint(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    toy.bad_step = 5
+    assert main([*TOY, "--save-every", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "error: the loss is nan at step 5; the first non-finite "
+    )
+    assert err.strip().endswith(f"the last good checkpoint is {out / 'checkpoint'} (step 4)")
+    assert checkpoint.find(out).step == 4 and not (out / "metrics.json").exists()
+
+
+def test_ctrl_c_in_bench_says_the_same_command_continues(tmp_path, monkeypatch, capsys):
+    import loraredux.bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loraredux.bench, "run_trials", interrupted)
+    argv = ["bench", "sp", "--quick", "--out", str(tmp_path / "b")]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted; every finished run is kept in {tmp_path / 'b'}; the same command continues: "
+        f"loraredux bench sp --quick --out {tmp_path / 'b'}"
+    )

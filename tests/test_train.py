@@ -1,5 +1,7 @@
 """The training loop: exact resume, accumulation, the schedule, atomic checkpoints, evaluation and hooks."""
 
+import dataclasses
+import errno
 import math
 import os
 import random
@@ -220,7 +222,9 @@ def test_constant_schedule_after_warmup():
     )
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+def test_a_disk_full_mid_write_keeps_the_previous_checkpoint_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
     cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2, seed=1)
     full = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path / "full", progress=False)
     tmp_path = tmp_path / "run"
@@ -231,19 +235,90 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, mo
         if len(calls) == 2:  # the step-4 checkpoint dies half written
             with open(path, "wb") as fh:
                 fh.write(b"\x00" * 10)
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="checkpoint of step 4") as caught:
         fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, progress=False)
     monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert caught.value.errno == errno.ENOSPC
+    assert f"the checkpoint of step 2 is kept in {tmp_path / 'checkpoint'}" in str(caught.value)
+    assert "No space left on device" in str(caught.value)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]  # no temporary folder left behind
+    assert checkpoint.find(tmp_path).step == 2
     resumed = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert_same_run(full, resumed)
 
 
-def test_a_crash_between_the_renames_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_disk_without_room_for_a_checkpoint_is_found_before_training(tmp_path, monkeypatch):
+    asked: list[int] = []
+    model = make()
+    before = trainable(model)
+    usage = checkpoint.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    cfg = TrainConfig(steps=4, lr=1e-2, checkpoint_every=2)
+    with pytest.raises(
+        OSError, match=r"not enough room for a checkpoint in .*MiB needed"
+    ) as caught:
+        fit(
+            model,
+            lambda i: asked.append(i) or BATCHES(i),
+            mse,
+            cfg,
+            checkpoint_dir=tmp_path / "ckpt",
+            progress=False,
+        )
+    assert caught.value.errno == errno.ENOSPC
+    assert asked == [] and not (tmp_path / "ckpt").exists()  # no step, no empty folder
+    for name, value in trainable(model).items():
+        assert torch.equal(value, before[name])
+    # the estimate: trainable tensors and two AdamW moments, before the first step creates them
+    opt = torch.optim.AdamW(list(lx.trainable_parameters(model).values()))
+    n_bytes = sum(p.numel() * 8 for p in lx.trainable_parameters(model).values())
+    assert checkpoint.estimate_bytes(model, opt) >= 3 * n_bytes
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(
+    tmp_path, monkeypatch
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = TrainConfig(steps=2, lr=1e-2, checkpoint_every=1)
+    with pytest.raises(OSError, match=f"{re.escape(str(blocker))} is a file, not a directory"):
+        fit(make(), BATCHES, mse, cfg, checkpoint_dir=blocker / "ckpt", progress=False)
+    with pytest.raises(OSError, match="is a file, not a directory"):
+        fit(make(), BATCHES, mse, cfg, checkpoint_dir=blocker, progress=False)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.tempfile, "TemporaryFile", denied)
+    with pytest.raises(OSError, match=r"ckpt is not writable \(Permission denied\)"):
+        fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_a_read_only_checkpoint_folder_is_refused_before_training(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OSError, match="is not writable"):
+            fit(
+                make(),
+                BATCHES,
+                mse,
+                TrainConfig(steps=2, lr=1e-2, checkpoint_every=1),
+                checkpoint_dir=folder,
+                progress=False,
+            )
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_failure_between_the_renames_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2, seed=1)
     full = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path / "full", progress=False)
     tmp_path = tmp_path / "run"
@@ -256,13 +331,30 @@ def test_a_crash_between_the_renames_keeps_the_previous_checkpoint(tmp_path, mon
         return real(src, dst)
 
     monkeypatch.setattr(checkpoint.os, "replace", replace)
-    with pytest.raises(OSError, match="power cut"):
+    with pytest.raises(OSError, match=r"power cut.*checkpoint of step 2 is kept"):
         fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, progress=False)
     monkeypatch.setattr(checkpoint.os, "replace", real)
-    assert sorted(os.listdir(tmp_path)) == [".checkpoint.old"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+    assert checkpoint.find(tmp_path).step == 2
     resumed = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert_same_run(full, resumed)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_resume_reads_what_a_kill_between_the_renames_leaves_and_removes_the_leftovers(tmp_path):
+    """A process killed after `checkpoint/` was moved aside and before the new one was renamed in leaves the
+    previous checkpoint as `.checkpoint.old/` and the new one as a temporary folder (no cleanup ran)."""
+    cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2, seed=1)
+    full = fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path / "full", progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):  # dies in step 3, after the step-2 checkpoint
+        fit(make(), crash_at(2), mse, cfg, checkpoint_dir=run, progress=False)
+    os.replace(run / "checkpoint", run / ".checkpoint.old")
+    (run / ".checkpoint.tmp-dead").mkdir()
+    (run / ".checkpoint.tmp-dead" / "tensors.safetensors").write_bytes(b"\x00" * 8)
+    assert checkpoint.find(run).path == run / ".checkpoint.old"
+    resumed = fit(make(), BATCHES, mse, cfg, checkpoint_dir=run, resume=True, progress=False)
+    assert_same_run(full, resumed)
+    assert sorted(os.listdir(run)) == ["checkpoint"]
 
 
 def test_eval_fn_runs_at_the_right_steps_in_eval_mode():
@@ -447,6 +539,78 @@ def test_optimizer_state_round_trips_through_tensors_and_json(factory):
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
 
 
+class TransposedMomentum(torch.optim.SGD):
+    """SGD that also keeps a transposed copy of each 2-D gradient (as AltLoRA keeps B's momentum)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p in self.param_groups[0]["params"]:
+            if p.grad is not None and p.ndim == 2:
+                self.state[p]["t"] = p.grad.T.contiguous().T * 1.0
+        return super().step(closure)
+
+
+def test_restored_state_tensors_keep_their_layout_in_fresh_aligned_memory(tmp_path):
+    """CPU BLAS rounds differently on a transposed or a misaligned operand, so an exact resume needs both kept."""
+    factory = lambda ps: TransposedMomentum(ps, lr=1e-2)  # noqa: E731
+    cfg = TrainConfig(steps=2, lr=1e-2, checkpoint_every=2)
+    model = make()
+    fit(model, BATCHES, mse, cfg, optimizer=factory, checkpoint_dir=tmp_path, progress=False)
+    fresh = make()
+    params = list(lx.trainable_parameters(fresh).values())
+    opt = factory(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    config = dataclasses.asdict(cfg)
+    checkpoint.load(tmp_path, fresh, opt, sched, config, train._MUST_MATCH)
+    transposed = [opt.state[p]["t"] for p in params if p.ndim == 2]
+    assert transposed and all(t.ndim == 2 and not t.is_contiguous() for t in transposed)
+    assert all(t.stride() == (1, t.shape[0]) for t in transposed)
+    for p in params:
+        assert p.data_ptr() % 64 == 0 and all(t.data_ptr() % 64 == 0 for t in opt.state[p].values())
+
+
+def test_resume_refuses_another_signature_naming_the_keys(tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-2, checkpoint_every=2)
+    sig = {"optimizer": "adamw", "data": {"name": "x", "examples": 48}}
+    with pytest.raises(Crash):
+        fit(make(), crash_at(2), mse, cfg, checkpoint_dir=tmp_path, signature=sig, progress=False)
+    other = {"optimizer": "lora_rite", "data": {"name": "x", "examples": 64}}
+    with pytest.raises(ValueError, match="another config") as caught:
+        fit(
+            make(),
+            BATCHES,
+            mse,
+            cfg,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            signature=other,
+            progress=False,
+        )
+    assert "signature.data.examples: checkpoint 48, given 64" in str(caught.value)
+    assert "signature.optimizer: checkpoint 'adamw', given 'lora_rite'" in str(caught.value)
+    assert checkpoint.find(tmp_path).config["signature"] == sig
+    resumed = fit(
+        make(),
+        BATCHES,
+        mse,
+        cfg,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        signature=sig,
+        progress=False,
+    )
+    assert resumed.steps == 4
+
+
+def test_the_next_save_removes_what_killed_writes_left(tmp_path):
+    (tmp_path / ".checkpoint.tmp-dead").mkdir()
+    (tmp_path / ".checkpoint.tmp-dead" / "state.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("the user's file")
+    cfg = TrainConfig(steps=2, lr=1e-2, checkpoint_every=1)
+    fit(make(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "notes.txt"]
+
+
 def test_a_non_finite_loss_stops_before_the_update():
     model = make()
     before = trainable(model)
@@ -455,6 +619,105 @@ def test_a_non_finite_loss_stops_before_the_update():
         fit(model, BATCHES, nan_loss, TrainConfig(steps=2, lr=1e-2), progress=False)
     for name, value in trainable(model).items():
         assert torch.equal(value, before[name])
+
+
+class Snapshots(nn.Module):
+    """Keeps the trainable parameters after each optimizer step (a plain reference to the model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_optimizer_step(self, step: int) -> None:
+        self.after[step] = trainable(self.model)
+
+
+def test_a_nan_loss_names_the_step_the_first_layer_and_the_last_good_checkpoint(tmp_path):
+    model = make()
+    model.snapshots = Snapshots(model)
+
+    def nan_at_step_5(m: nn.Module, batch) -> torch.Tensor:  # accumulation 2: micro-steps 8 and 9
+        loss = mse(m, batch)
+        at_step_5 = m.training and len(m.snapshots.after) == 4
+        return loss * float("nan") if at_step_5 else loss
+
+    cfg = TrainConfig(steps=8, lr=1e-2, accumulation=2, checkpoint_every=2, seed=4)
+    with pytest.raises(train.NonFiniteError) as caught:
+        fit(model, BATCHES, nan_at_step_5, cfg, checkpoint_dir=tmp_path, progress=False)
+    err = caught.value
+    assert isinstance(err, FloatingPointError)
+    assert (err.step, err.what, err.checkpoint_step) == (5, "loss", 4)
+    assert err.checkpoint == tmp_path / "checkpoint"
+    # every gradient is NaN: the first in model order is named
+    assert (err.parameter, err.layer) == ("up.A", "up")
+    assert str(err) == (
+        "the loss is nan at step 5; the first non-finite gradient is up.A; no parameter was updated at this "
+        f"step; the last good checkpoint is {tmp_path / 'checkpoint'} (step 4)"
+    )
+    for name, value in trainable(model).items():  # as step 4 left them
+        assert torch.equal(value, model.snapshots.after[4][name]), name
+    assert checkpoint.find(tmp_path).step == 4 and sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_an_infinite_gradient_in_one_layer_is_named_and_changes_nothing():
+    model = make()
+    model.snapshots = Snapshots(model)
+    poison = model.down.B.register_hook(
+        lambda g: torch.full_like(g, math.inf) if len(model.snapshots.after) == 2 else g
+    )
+    with pytest.raises(train.NonFiniteError) as caught:
+        fit(model, BATCHES, mse, TrainConfig(steps=5, lr=1e-2, max_grad_norm=1.0), progress=False)
+    poison.remove()
+    err = caught.value
+    assert (err.step, err.what, err.parameter, err.layer) == (3, "gradient", "down.B", "down")
+    assert (err.checkpoint, err.checkpoint_step) == (None, None)
+    assert str(err) == (
+        "a gradient is not finite at step 3; the first non-finite gradient is down.B; no parameter was "
+        "updated at this step; no checkpoint was written"
+    )
+    for name, value in trainable(model).items():
+        assert torch.equal(value, model.snapshots.after[2][name]), name
+
+
+def test_a_non_finite_parameter_is_never_checkpointed(tmp_path):
+    class Breaker(
+        nn.Module
+    ):  # a parameter turns infinite in the update of step 4, a checkpoint step
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            object.__setattr__(self, "model", model)
+
+        @torch.no_grad()
+        def on_optimizer_step(self, step: int) -> None:
+            if step == 4:
+                self.model.down.A[0, 1] = math.inf
+
+    model = make()
+    model.breaker = Breaker(model)
+    cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2)
+    with pytest.raises(train.NonFiniteError) as caught:
+        fit(model, BATCHES, mse, cfg, checkpoint_dir=tmp_path, progress=False)
+    err = caught.value
+    assert (err.step, err.what, err.parameter, err.checkpoint_step) == (4, "parameter", "down.A", 2)
+    assert str(err) == (
+        "a parameter is not finite after the update at step 4; the first non-finite parameter is down.A; "
+        f"no checkpoint was written at this step; the last good checkpoint is {tmp_path / 'checkpoint'} "
+        "(step 2)"
+    )
+    assert checkpoint.find(tmp_path).step == 2 and sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_a_gradient_norm_that_overflows_is_no_error():
+    """Finite gradients whose squares overflow make an infinite norm: the per-parameter search finds no
+    culprit and training goes on."""
+    model = make(dropout=0.0)
+    huge = lambda m, b: mse(m, b) * 1e160  # noqa: E731  (gradients ~1e160: their squares overflow float64)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=1e-170)  # noqa: E731
+    result = fit(
+        model, BATCHES, huge, TrainConfig(steps=2, lr=1e-170), optimizer=sgd, progress=False
+    )
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
 
 
 def test_no_trainable_parameter_is_an_error():

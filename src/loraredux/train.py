@@ -2,22 +2,25 @@
 
     for step in 1 .. steps:
         g = (1/k) sum_j grad loss_fn(model, batches((step - 1) k + j))    j = 0 .. k-1 (k = accumulation)
+        stop on a non-finite loss or gradient (`NonFiniteError`, nothing changed)
         clip g to max_grad_norm (optional); optimizer step at lr * lr_factor(step - 1); hooks; eval; checkpoint
 
 Data order is a pure function of the micro-step index, and a checkpoint holds everything else that decides what
-comes next (trainable tensors, optimizer and scheduler state, the RNG states), so a resumed run is bitwise the
-same as one that never stopped. Only safetensors and JSON are written: nothing is pickled.
+comes next (trainable tensors and adapter buffers such as AdaLoRA's importance scores and masks, optimizer and
+scheduler state, the RNG states), so a run killed at any moment (even during a checkpoint write) and resumed is
+bitwise the same as one that never stopped. Only safetensors and JSON are written: nothing is pickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .verbs import adapters, penalty_of
 
-__all__ = ["TrainConfig", "TrainResult", "epoch_batches", "fit", "lr_factor"]
+__all__ = ["NonFiniteError", "TrainConfig", "TrainResult", "epoch_batches", "fit", "lr_factor"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,7 +130,9 @@ class TrainResult:
         lrs: the learning rate (first parameter group) each step used.
         grad_norms: the total gradient norm before clipping (only when `max_grad_norm` is set).
         evals: (step, metrics) after each evaluation.
-        seconds: wall time spent training, summed over resumed runs.
+        seconds: wall time spent training, summed over resumed runs; a resumed run counts the time up to the
+            checkpoint it resumed from (the work after it, redone, is counted once), so it is the only entry
+            that differs from an uninterrupted run's.
     """
 
     losses: list[float] = field(default_factory=list)
@@ -146,6 +151,47 @@ class TrainResult:
         """Inverse of `dataclasses.asdict` after a JSON round trip (evals come back as lists)."""
         data = dict(data, evals=[(int(s), dict(m)) for s, m in data["evals"]])
         return cls(**data)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on a non-finite loss, gradient or parameter; the step that met it changed nothing.
+
+    Attributes:
+        step: the optimizer step (1-based) that met it.
+        what: "loss", "gradient" or "parameter".
+        parameter: the first trainable parameter (in model order) whose gradient (its value, for "parameter") is
+            non-finite, e.g. "model.layers.0.self_attn.q_proj.A"; None where every one is finite (a non-finite
+            loss whose gradients are all finite).
+        layer: the module path of `parameter` (None with it).
+        checkpoint: the folder of the last good checkpoint, None where none was written.
+        checkpoint_step: the step that checkpoint holds, None with it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        what: str,
+        parameter: str | None,
+        checkpoint: Path | None,
+        checkpoint_step: int | None,
+    ) -> None:
+        super().__init__(message)
+        self.step, self.what, self.parameter = step, what, parameter
+        self.layer = None if parameter is None else parameter.rpartition(".")[0]
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
+
+
+def _first_non_finite(named: Sequence[tuple[str, nn.Parameter]], grads: bool) -> str | None:
+    """The name of the first parameter (in model order) whose gradient (or value) has a NaN or an infinity.
+
+    Called only after a fused check failed, so the per-tensor syncs are paid only then."""
+    for name, p in named:
+        t = p.grad if grads else p
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _seed_everything(seed: int) -> None:
@@ -203,6 +249,37 @@ def epoch_batches(
     return batch
 
 
+def _start(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    config: TrainConfig,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
+    root: Path | None,
+    resume: bool,
+    saved_config: dict[str, Any],
+    must_match: tuple[str, ...],
+) -> tuple[torch.optim.Optimizer, Any, TrainResult]:
+    """`fit`'s optimizer, schedule and history: new and seeded, or from the checkpoint; then the space check."""
+    if optimizer is None:
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = optimizer(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"the optimizer factory returned a {type(opt).__name__}, not an Optimizer"
+            )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, config=config))
+    if resume:
+        history = checkpoint.load(root, model, opt, scheduler, saved_config, must_match)
+        result = TrainResult.from_dict(history)
+    else:
+        _seed_everything(config.seed)
+        result = TrainResult()
+    if root is not None:
+        checkpoint.check_space(root, checkpoint.estimate_bytes(model, opt))
+    return opt, scheduler, result
+
+
 def fit(
     model: nn.Module,
     batches: Callable[[int], Batch] | Sequence[Batch],
@@ -213,6 +290,7 @@ def fit(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    signature: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train the parameters of `model` that require a gradient; see the module docstring for the loop.
@@ -225,6 +303,12 @@ def fit(
     allocator). Their state belongs in buffers, which the checkpoint holds for adapters. Evaluation and
     checkpoints follow each step at the cadence of the config.
 
+    Every step checks the loss and the gradients with one fused norm (one device sync, shared with the loss
+    and the clipping) before anything changes; a NaN or an infinity stops the run with a `NonFiniteError` naming
+    the step, the first parameter whose gradient is not finite and the last good checkpoint, which is kept. A
+    checkpoint is written only from finite parameters. With a `checkpoint_dir`, the folder is created and a file
+    written and removed in it, and the free space is compared with a checkpoint's size, before the first step.
+
     Args:
         model: the model (left in the train/eval mode it came in).
         batches: micro-step index -> batch (data order as a pure function of the step: exact resume), or a
@@ -236,12 +320,18 @@ def fit(
         eval_fn: model -> {metric: number}, run in eval mode under no_grad without disturbing any RNG.
         checkpoint_dir: where `checkpoint/` is written (needed for `checkpoint_every` and `resume`).
         resume: continue from the checkpoint in `checkpoint_dir` (its config must agree on the trajectory).
+        signature: JSON values naming what else decides the trajectory (the model, the data, the adapter, the
+            optimizer and its options: the caller knows); kept in each checkpoint, and a resume whose signature
+            differs is refused, naming the keys.
         progress: a tqdm bar (loss, lr); it also stays off when stderr is not a terminal.
 
     Raises:
         ValueError: no trainable parameter, a non-scalar loss, a missing `checkpoint_dir`, a checkpoint that
-            does not fit the model or the config. FileNotFoundError: resume without a checkpoint.
-        FloatingPointError: a non-finite loss (raised before that step changes any parameter).
+            does not fit the model, the config or the signature. FileNotFoundError: resume without a checkpoint.
+        NonFiniteError: a non-finite loss or gradient (raised before that step changes any parameter), or
+            non-finite parameters where a checkpoint is due (not written). A `FloatingPointError`.
+        OSError: `checkpoint_dir` cannot be created or written, or its disk has no room for a checkpoint (before
+            the first step), or a checkpoint write failed (the previous checkpoint is kept).
     """
     from tqdm.auto import tqdm
 
@@ -253,7 +343,8 @@ def fit(
         get_batch = lambda i: batches[i % len(batches)]  # noqa: E731
     else:
         raise TypeError("batches must be a callable (micro-step -> batch) or a non-empty sequence")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameter (adapt it with lx.adapt_)"
@@ -261,28 +352,51 @@ def fit(
     root = None if checkpoint_dir is None else Path(checkpoint_dir)
     if root is None and (resume or config.checkpoint_every is not None):
         raise ValueError("resume and checkpoint_every need a checkpoint_dir")
-    if optimizer is None:
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        opt = optimizer(params)
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(
-                f"the optimizer factory returned a {type(opt).__name__}, not an Optimizer"
-            )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, config=config))
+    saved_config = dataclasses.asdict(config)
+    if signature is not None:
+        saved_config["signature"] = checkpoint._json_safe(dict(signature), "signature")
+    must_match = _MUST_MATCH + ("signature",) * (signature is not None)
+    created = root is not None and not root.exists()
+    try:
+        if root is not None:  # before the optimizer, the model load and the first step
+            checkpoint.check_writable(root)
+        opt, scheduler, result = _start(
+            model, params, config, optimizer, root, resume, saved_config, must_match
+        )
+    except BaseException:
+        if created:  # a refused start leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        raise
     before = [m for m in model.modules() if callable(getattr(m, "before_optimizer_step", None))]
     hooks = [m for m in model.modules() if callable(getattr(m, "on_optimizer_step", None))]
     layers = [
         a for _, a in adapters(model)
     ]  # found once: their penalties join every micro-batch's loss
-    if resume:
-        history = checkpoint.load(
-            root, model, opt, scheduler, dataclasses.asdict(config), _MUST_MATCH
+    wrote_one = resume  # whether root holds a checkpoint of this run (not one of an earlier run)
+
+    def stop(what: str, step: int, parameter: str | None, detail: str) -> NonFiniteError:
+        found = checkpoint.find(root) if root is not None and wrote_one else None
+        kept = (
+            f"the last good checkpoint is {found.path} (step {found.step})"
+            if found is not None
+            else "no checkpoint was written"
         )
-        result = TrainResult.from_dict(history)
-    else:
-        _seed_everything(config.seed)
-        result = TrainResult()
+        of = "parameter" if what == "parameter" else "gradient"
+        where = "" if parameter is None else f"; the first non-finite {of} is {parameter}"
+        done = (
+            "no checkpoint was written at this step"
+            if what == "parameter"
+            else "no parameter was updated at this step"
+        )
+        return NonFiniteError(
+            f"{detail} at step {step}{where}; {done}; {kept}",
+            step=step,
+            what=what,
+            parameter=parameter,
+            checkpoint=None if found is None else found.path,
+            checkpoint_step=None if found is None else found.step,
+        )
 
     k, start, was_training = config.accumulation, result.steps, model.training
     bar = tqdm(
@@ -301,17 +415,27 @@ def fit(
                 extra = penalty_of(layers)
                 ((loss if extra is None else loss + extra) / k).backward()
                 low = loss.dtype in (torch.float16, torch.bfloat16)
-                total = total + (
-                    loss.detach().float() if low else loss.detach()
-                )  # one sync per step
-            mean_loss = float(total) / k
+                total = total + (loss.detach().float() if low else loss.detach())
+            # One fused norm over every gradient and one sync per step for it and the loss together.
+            summed = torch.as_tensor(total)
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            common = torch.promote_types(
+                summed.dtype, norm.dtype
+            )  # exact for both; no float64 forced
+            both = torch.stack([summed.to(common), norm.to(summed.device, common)])
+            loss_sum, norm_value = both.tolist()
+            mean_loss = loss_sum / k
             if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"loss is {mean_loss} at step {step}; no parameter was updated"
-                )
+                bad = _first_non_finite(named, grads=True)
+                raise stop("loss", step, bad, f"the loss is {mean_loss}")
+            if not math.isfinite(norm_value):
+                bad = _first_non_finite(named, grads=True)
+                if bad is not None:  # else every gradient is finite and only their norm overflowed
+                    raise stop("gradient", step, bad, "a gradient is not finite")
             if config.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                result.grad_norms.append(float(norm))
+                torch.nn.utils.clip_grads_with_norm_(params, config.max_grad_norm, norm)
+                result.grad_norms.append(norm_value)
             for module in before:
                 module.before_optimizer_step(step)
             lr = opt.param_groups[0]["lr"]
@@ -332,15 +456,20 @@ def fit(
             result.seconds = seconds_before + time.perf_counter() - t0
             every = config.checkpoint_every
             if root is not None and (last or (every and step % every == 0)):
+                finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+                if not bool(finite):  # never replace a good checkpoint by a broken state
+                    bad = _first_non_finite(named, grads=False)
+                    raise stop("parameter", step, bad, "a parameter is not finite after the update")
                 checkpoint.save(
                     root,
                     model,
                     opt,
                     scheduler,
-                    dataclasses.asdict(config),
+                    saved_config,
                     dataclasses.asdict(result),
                     result.steps,
                 )
+                wrote_one = True
     finally:
         bar.close()
         model.train(was_training)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraredux.bench import Outcome, Store, expand, run_trials
+from loraredux.bench import Outcome, Run, Store, expand, run_trials
 
 SPEC = {
     "suite": "sp",
@@ -96,3 +96,24 @@ def test_a_failing_trial_is_a_stored_result_and_is_retried_only_on_request(tmp_p
     )
     assert (retried.skipped, retried.finished) == (3, 3)
     assert store.runs("sp", status="failed") == []
+
+
+def test_a_run_another_process_finished_meanwhile_is_kept_and_counted_as_skipped(tmp_path):
+    """Two suites on one store: the runner read the finished runs at its start; a trial the other one finished
+    in the meantime is not stored twice (nor does it stop the suite)."""
+    store = Store(tmp_path / "results.sqlite")
+    other = Store(tmp_path / "results.sqlite")  # the other process's handle
+    trials = expand(SPEC)
+    calls: list = []
+    inner = fake(calls)
+
+    def racing(trial):
+        outcome = inner(trial)
+        if trial == trials[2]:  # the other process finishes this trial first
+            other.record(Run(trial=trial, status="ok", metrics={"draw": -1.0}))
+        return outcome
+
+    summary = run_trials(trials, store, racing, progress=False)
+    assert (summary.skipped, summary.finished, summary.failed) == (1, 5, 0)
+    runs = {r.trial.key(): r for r in store.runs("sp")}
+    assert len(runs) == 6 and runs[trials[2].key()].metrics == {"draw": -1.0}

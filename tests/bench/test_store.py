@@ -10,6 +10,7 @@ import sqlite3
 import pytest
 
 from loraredux.bench import Run, Store, Trial, expand, finite_or_none, load_spec
+from loraredux.bench.store import AlreadyFinished
 
 SPEC = {
     "suite": "sp",
@@ -142,12 +143,46 @@ def test_runs_survive_a_new_process_and_a_finished_one_is_never_replaced(tmp_pat
         run.trainable_parameters == 96 and run.peak_memory_bytes == 1 << 20 and run.finished_at > 0
     )
     assert [r.error for r in again.runs(status="failed")] == ["diverged"]
-    with pytest.raises(ValueError, match=r"already finished .* never replaced"):
+    with pytest.raises(AlreadyFinished, match=r"already finished .* never replaced"):
         again.record(run_of(trials[0], loss=0.1))
     assert again.runs("sp")[0].metrics == {"loss": 0.5}
     again.record(run_of(trials[1], loss=0.25))  # a failed run may be retried
     assert again.finished() == {trials[0].key(), trials[1].key()}
     assert len(again.runs(status=None)) == 2
+
+
+def test_a_run_finished_by_another_process_during_a_record_is_not_replaced(tmp_path, monkeypatch):
+    """`record`'s check "not finished yet" and its write are one IMMEDIATE transaction. Here another process
+    holds the write lock with the same trial's finished run uncommitted, and commits just as `record` begins
+    to write (its BEGIN, or a deferred one's INSERT): `record` must then see that run and refuse, not replace
+    it with a check made before the commit."""
+    path = tmp_path / "results.sqlite"
+    store = Store(path)
+    trial = expand(SPEC)[0]
+    theirs = run_of(trial, loss=0.125)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute(
+        "INSERT INTO runs VALUES (?, ?, ?, 'ok', NULL, ?, '{}', 1.0, NULL, NULL, '{}', 1.0)",
+        (trial.key(), trial.suite, trial.to_json(), json.dumps(theirs.metrics)),
+    )
+    connect = sqlite3.connect
+
+    def traced(*args, **kwargs):
+        db = connect(*args, **kwargs)
+
+        def trace(sql: str) -> None:
+            if other.in_transaction and sql.startswith(("BEGIN", "INSERT")):
+                other.execute("COMMIT")
+
+        db.set_trace_callback(trace)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    with pytest.raises(AlreadyFinished):
+        store.record(run_of(trial, loss=0.5))
+    other.close()
+    assert [r.metrics for r in store.runs()] == [{"loss": 0.125}]
 
 
 def test_non_finite_metrics_and_bad_status_are_refused_before_writing(tmp_path):

@@ -1,11 +1,13 @@
-"""Run a suite's trials into the store: skip what finished, record every run as it ends (issue 6).
+"""Run a suite's trials into the store: skip what finished, record every run as it ends.
 
 `run_trials(trials, store, execute)` calls `execute(trial) -> Outcome` for each trial whose key has no stored run
 (a failed one is retried only with `retry_failed=True`), with torch seeded from the trial. It writes the run
 (metrics, curves, wall time, peak memory, trainable parameters, library versions) in its own transaction before the
 next starts. An arithmetic, runtime or value error inside a trial is stored as a failed run with its message (a
 diverged learning rate is a result, not a crash) and the suite goes on; an interrupt (Ctrl-C) stops it, losing only
-the run in flight, and the next call resumes there. A tqdm bar shows progress and the time left.
+the run in flight, and the next call resumes there; so does a process killed at any moment (kill -9), since each
+run is one SQLite transaction. A run that another process on the same store finished meanwhile is skipped, not
+stored twice. A tqdm bar shows progress and the time left.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .store import Run, Store
+from .store import AlreadyFinished, Run, Store
 from .trial import Trial
 
 __all__ = ["Outcome", "RunSummary", "library_versions", "run_trials"]
@@ -151,7 +153,11 @@ def run_trials(
             peak_memory_bytes=memory.bytes,
             trainable_parameters=outcome.trainable_parameters,
         )
-        store.record(run)
+        try:
+            store.record(run)
+        except AlreadyFinished:  # another process on this store finished it meanwhile: keep its run
+            skipped += 1
+            continue
         finished += error is None
         failed += error is not None
     return RunSummary(skipped=skipped, finished=finished, failed=failed)

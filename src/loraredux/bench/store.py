@@ -1,10 +1,13 @@
-"""The benchmark store: every run of a suite in one SQLite file, `DIR/results.sqlite` (issue 6).
+"""The benchmark store: every run of a suite in one SQLite file, `DIR/results.sqlite`.
 
-One row per trial key (`Trial.key()`): the trial's JSON, its status ("ok" or "failed" with the error), the final
-metrics, the metric curves, wall time, peak memory, trainable parameters and the library versions. Each run is
-written in its own transaction, so an interrupted suite loses at most the run in flight; a finished ("ok") run is
-never written again (`record` refuses it), a failed one may be retried and replaced. Reports are rendered from this
-file alone. SQLite's WAL journal keeps the file consistent if the process dies mid-write.
+One row per trial key (`Trial.key()`, the primary key: a trial is stored at most once): the trial's JSON, its
+status ("ok" or "failed" with the error), the final metrics, the metric curves, wall time, peak memory, trainable
+parameters and the library versions. Each run is written in its own transaction, begun IMMEDIATE so that the check
+"not finished yet" and the write are one step even with a second process on the same file; an interrupted suite
+(Ctrl-C or kill -9, even in the middle of a write) loses at most the run in flight, which the next call runs
+again. A finished ("ok") run is never written again (`record` refuses it), a failed one may be retried and
+replaced. Reports are rendered from this file alone. SQLite's WAL journal with synchronous=FULL keeps the file
+consistent and every committed run on disk if the process or the machine dies mid-write.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 from .trial import Trial
 
-__all__ = ["SCHEMA_VERSION", "Run", "Store", "finite_or_none"]
+__all__ = ["SCHEMA_VERSION", "AlreadyFinished", "Run", "Store", "finite_or_none"]
 
 SCHEMA_VERSION = 1
 
@@ -74,6 +77,10 @@ class Run:
     finished_at: float = 0.0
 
 
+class AlreadyFinished(ValueError):
+    """`Store.record` of a trial whose run already finished ("ok") in the store; nothing was written."""
+
+
 def _json(value: Any, what: str) -> str:
     try:
         return json.dumps(value, sort_keys=True, allow_nan=False)
@@ -113,11 +120,16 @@ class Store:
             raise ValueError(f"{self.path}: not a loraredux results store ({err})") from None
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A connection whose block is one transaction (committed on success, rolled back on an error)."""
+    def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection whose block is one transaction (committed on success, rolled back on an error; a process
+        killed inside it leaves nothing of it). `immediate` takes the write lock at the start, so what the block
+        reads cannot change before it writes."""
         with closing(sqlite3.connect(self.path, timeout=30.0)) as db:
             db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")  # a committed run survives a power cut too
             with db:
+                if immediate:
+                    db.execute("BEGIN IMMEDIATE")
                 yield db
 
     def finished(self, suite: str | None = None) -> set[str]:
@@ -132,8 +144,8 @@ class Store:
         """Write one run in its own transaction.
 
         Raises:
-            ValueError: the trial already finished ("ok") in this store (a finished run is never replaced), a
-                status other than "ok"/"failed", or a non-finite metric.
+            AlreadyFinished: the trial already finished ("ok") in this store (a finished run is never replaced).
+            ValueError: a status other than "ok"/"failed", or a non-finite metric.
         """
         if run.status not in ("ok", "failed"):
             raise ValueError(f"a run's status is 'ok' or 'failed', got {run.status!r}")
@@ -152,10 +164,10 @@ class Store:
             _json(run.versions, "versions"),
             run.finished_at or time.time(),
         )
-        with self._connect() as db:
+        with self._connect(immediate=True) as db:
             row = db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()
             if row is not None and row[0] == "ok":
-                raise ValueError(
+                raise AlreadyFinished(
                     f"run {key} ({run.trial.problem}, {run.trial.method}, {run.trial.optimizer}, lr "
                     f"{run.trial.lr:g}, seed {run.trial.seed}) already finished in {self.path}; a finished run "
                     "is never replaced"

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (2: a usage or library error, 130: interrupted by Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         # Library errors are written for people: show them without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is a choice, not a crash: one line (a command says how to continue), the shell's status 130.
+        note = getattr(args, "on_interrupt", None)
+        print(note(args, argv) if note is not None else "interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`loraredux bench SUITE --out DIR` and `loraredux bench report DIR` (issue 6)."""
+"""`loraredux bench SUITE --out DIR` and `loraredux bench report DIR`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,19 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--retry-failed", action="store_true", help="run again the trials whose run failed"
     )
-    p.set_defaults(run=_cmd_bench)
+    p.set_defaults(run=_cmd_bench, on_interrupt=_interrupted)
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """The one line `main` prints on Ctrl-C: what is kept, and that the same command continues."""
+    import shlex
+
+    if args.what == "report" or args.out is None:
+        return "interrupted"
+    return (
+        f"interrupted; every finished run is kept in {args.out}; the same command continues: "
+        f"loraredux {shlex.join(argv)}"
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -1,4 +1,8 @@
-"""`loraredux train`: fine-tune a packaged model (or a local folder) with any registered method."""
+"""`loraredux train`: fine-tune a packaged model (or a local folder) with any registered method.
+
+With `--save-every N --out DIR` the run checkpoints into DIR/checkpoint/ (see `loraredux.checkpoint`) and
+`--resume` continues it exactly, after a crash, a kill or Ctrl-C (which prints the command that resumes).
+"""
 
 from __future__ import annotations
 
@@ -130,7 +134,23 @@ def add_train(sub: Any) -> None:
         default=None,
         help="write the adapter (PEFT format) and metrics.json here",
     )
-    p.set_defaults(run=_cmd_train)
+    p.add_argument(
+        "--save-every",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="checkpoint every N steps (and after the last) into OUT/checkpoint/, so that a run that is "
+        "killed or interrupted can continue with --resume; needs --out (default with --resume: the "
+        "checkpointed run's N)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run checkpointed in OUT/checkpoint/ (written with --save-every); the options that "
+        "decide the training (model, data, method and its fields, optimizer, steps, lr, seed, ...) must be "
+        "those of that run; the result is the same as if it had never stopped",
+    )
+    p.set_defaults(run=_cmd_train, on_interrupt=_interrupted)
 
 
 def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,16 +215,115 @@ def _recommendation(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any,
     return cfg, patterns, adapt.get("targets"), optimizer
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot become a writable folder, before anything is loaded: it exists and is not a
+    folder, a parent is a file, or no file can be created where it would go (a probe file, removed at once)."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".loraredux-probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(
+            f"--out {out}: cannot write in {existing} ({err.strerror or err}); choose a writable folder"
+        ) from None
+
+
+# The options that decide a run's trajectory: a --resume must give the same (the rest, e.g. --eval-examples or
+# --no-progress, may change). Compared before anything is loaded; `fit` checks the resolved TrainConfig too.
+_TRAJECTORY = (
+    "model", "data", "batch_size", "max_length", "train_examples", "seed", "method", "targets",
+    "exclude", "rank", "alpha", "dropout", "rslora", "init", "init_option", "calibration_batches",
+    "field", "optimizer", "optimizer_option", "recommendation", "steps", "lr",
+)  # fmt: skip
+
+
+def _signature(args: argparse.Namespace, cfg: Any, patterns: dict[str, Any]) -> dict[str, Any]:
+    """What of the command decides the trajectory, as JSON: its options and the method config they give."""
+    sig: dict[str, Any] = {}
+    for name in _TRAJECTORY:
+        value = getattr(args, name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif name in ("init_option", "field", "optimizer_option"):
+            value = [[k, v] for k, v in value]
+        sig[name] = value
+    return sig | {"config": cfg.to_dict(), "patterns": patterns}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_resume(args: argparse.Namespace, signature: dict[str, Any]) -> Any:
+    """The checkpoint --resume continues (`checkpoint.Found`), or a usage error: none, or other options."""
+    import json
+
+    from loraredux import checkpoint
+
+    found = checkpoint.find(args.out)
+    if found is None:
+        raise UsageError(
+            f"--resume: no checkpoint in {args.out / 'checkpoint'}; start the run with --save-every N "
+            f"--out {args.out}"
+        )
+    saved = found.config.get("signature") or {}
+    differ = [
+        f"{_flag(k)} {json.dumps(saved.get(k))} there, {json.dumps(signature.get(k))} here"
+        for k in _TRAJECTORY
+        if json.dumps(saved.get(k)) != json.dumps(signature.get(k))
+    ]
+    if not differ and json.dumps(saved.get("config")) != json.dumps(signature["config"]):
+        differ.append("the method config (from --recommendation)")
+    if differ:
+        raise UsageError(
+            f"--resume: {found.path} was written by a run with other options ({'; '.join(differ)}); "
+            "resume with that run's options, or start a new run in another --out"
+        )
+    return found
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """The one line `main` prints on Ctrl-C: where the last checkpoint is and the command that resumes."""
+    import shlex
+
+    from loraredux import checkpoint
+
+    if args.out is None or (args.save_every is None and not args.resume):
+        return "interrupted; no checkpoint was written (train with --save-every N --out DIR to resume later)"
+    found = checkpoint.find(args.out)
+    if found is None:
+        return (
+            f"interrupted before the first checkpoint; nothing was written to {args.out / 'checkpoint'} "
+            "(run the same command again to start over)"
+        )
+    again = list(argv) + ([] if args.resume else ["--resume"])
+    return (
+        f"interrupted; the last checkpoint is {found.path} (step {found.step}); resume with: "
+        f"loraredux {shlex.join(again)}"
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    import sys
+
     import torch
 
     import loraredux as lx
+    from loraredux import checkpoint
     from loraredux.io.files import write_json_atomic
     from loraredux.tasks import adapt_for_task
-    from loraredux.train import TrainConfig, fit
+    from loraredux.train import NonFiniteError, TrainConfig, fit
 
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a directory")
+    if args.out is not None:
+        _check_out(args.out)
+    elif args.save_every is not None or args.resume:
+        raise UsageError(f"{'--resume' if args.resume else '--save-every'} needs --out DIR")
     advice = _recommendation(args) if args.recommendation is not None else None
     if advice is not None:
         cfg, patterns, advised_targets, advised_optimizer = advice
@@ -218,6 +337,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.optimizer not in lx.optim.available():
         raise UsageError(
             f"unknown --optimizer {args.optimizer!r}; choose from {lx.optim.available()}"
+        )
+    signature = _signature(args, cfg, patterns)
+    save_every = args.save_every
+    if args.resume:
+        found = _check_resume(args, signature)
+        save_every = save_every or found.config.get("checkpoint_every")
+    elif save_every is not None and (found := checkpoint.find(args.out)) is not None:
+        raise UsageError(
+            f"--out {args.out} holds a checkpoint of an earlier run ({found.path}, step {found.step}); add "
+            "--resume to continue it, or choose another --out"
         )
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -257,7 +386,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{n_train:,} trainable of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)"
     )
 
-    train_cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), seed=args.seed)
+    train_cfg = TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        seed=args.seed,
+        checkpoint_every=save_every,
+    )
     model.train()
     options = dict(args.optimizer_option)
 
@@ -269,14 +404,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UsageError(f"--optimizer {args.optimizer}: {err}") from None
 
-    result = fit(
-        model,
-        task.batches,
-        task.loss_fn,
-        train_cfg,
-        optimizer=make_optimizer,
-        progress=not args.no_progress,
-    )
+    checkpointed = save_every is not None or args.resume
+    if args.resume:
+        print(f"resuming from {found.path} (step {found.step} of {steps})")
+    try:
+        result = fit(
+            model,
+            task.batches,
+            task.loss_fn,
+            train_cfg,
+            optimizer=make_optimizer,
+            checkpoint_dir=args.out if checkpointed else None,
+            resume=args.resume,
+            signature=signature,
+            progress=not args.no_progress,
+        )
+    # A diverged run or a full disk is no bug: one line (the step, the layer, the checkpoint kept), status 1.
+    except (NonFiniteError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     after = task.evaluate(model.eval())
     print(
         f"{task.metric} after:  {after[task.metric]:.4f}  ({steps} steps, lr {lr:g}, "
