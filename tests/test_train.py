@@ -19,6 +19,7 @@ from torch import nn
 import loraredux as lx
 from loraredux import checkpoint, train
 from loraredux.train import TrainConfig, epoch_batches, fit, lr_factor
+from tiny_models import assert_unchanged, snapshot
 
 N_IN, N_OUT, N_EXAMPLES = 6, 3, 48
 gen = torch.Generator().manual_seed(123)
@@ -510,6 +511,35 @@ def test_resume_refuses_a_missing_checkpoint_or_another_config(tmp_path):
         fit(wider, BATCHES, mse, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         fit(make(), BATCHES, mse, cfg, progress=False)
+
+
+def test_a_resume_whose_moved_base_would_hold_nan_changes_nothing(tmp_path):
+    """PiSSA's checkpoint holds its initial factors, from which a resume moves the base: a NaN there is refused
+    before any tensor of the model changes, and unadapt_ still gives the original weights."""
+
+    def pissa() -> nn.Module:
+        torch.manual_seed(0)
+        return lx.adapt_(
+            Tiny(0.0).double(), lx.config("lora", rank=2, init="pissa"), ["up", "down"]
+        )
+
+    cfg = TrainConfig(steps=2, lr=1e-2, checkpoint_every=1)
+    fit(pissa(), BATCHES, mse, cfg, checkpoint_dir=tmp_path, progress=False)
+    path = tmp_path / "checkpoint" / "tensors.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    tensors["model.up.B0"] = torch.full_like(tensors["model.up.B0"], math.nan)
+    safetensors.torch.save_file(tensors, path)
+
+    model = pissa()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"up\.B0.*NaN"):
+        fit(model, BATCHES, mse, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert_unchanged(model, before)
+    torch.manual_seed(0)
+    original = Tiny(0.0).double()
+    lx.unadapt_(model)
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(

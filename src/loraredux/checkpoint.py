@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import check_tensors
-from .verbs import adapter_state_dict, adapters
+from .state import adapter_state_dict, load_adapter_state_dict
 
 __all__ = [
     "Found",
@@ -470,14 +470,17 @@ def load(
     sd = _unflatten_optimizer(opt_tensors, state["optimizer"], optimizer.state_dict())
     optimizer.load_state_dict(sd)
     scheduler.load_state_dict(state["scheduler"])
-    layers = [a for _, a in adapters(model)]
-    for adapter in layers:
-        adapter.before_load_()
+    # The adapters' state as one transaction (derived state such as a base moved by the initial factors is
+    # checked and applied only once every layer has loaded, or nothing is); then the other trained tensors.
+    adapter_keys = set(adapter_state_dict(model))
+    try:
+        load_adapter_state_dict(model, {k: v for k, v in weights.items() if k in adapter_keys})
+    except ValueError as err:
+        raise ValueError(f"{path} does not fit this model: {err}") from err
     with torch.no_grad():
         for key, value in weights.items():
-            own[key].copy_(value)
-    for adapter in layers:  # derived state, e.g. a base moved by the initial factors
-        adapter.after_load_()
+            if key not in adapter_keys:
+                own[key].copy_(value)
     set_rng_state({f"rng.{k}": v for k, v in part["rng"].items()}, state["rng"])
     logger.info("resumed from %s at step %d", path, state["step"])
     return state["history"]
