@@ -485,7 +485,8 @@ def replace_directory_files(directory: str | os.PathLike[str], files: Mapping[st
     Limits:
         - A reader that opens one file before the swap and the other after it still pairs old with new: nothing
           done through paths prevents that. Readers that must never mix should open the directory once and read
-          both files relative to it (`os.open(..., dir_fd=)`), as that descriptor keeps naming one directory.
+          both files relative to it (`os.open(..., dir_fd=)`), as that descriptor keeps naming one directory;
+          loraredux's own reader (`files.read_adapter`) does, and reads again when a save emptied it meanwhile.
         - `directory` becomes a new directory (inode), as do its subfolders: programs holding it open, or with
           their working directory in it, keep seeing the old one (this process's working directory is moved to the
           new one). Files keep their inodes, so open files stay valid.

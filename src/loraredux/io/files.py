@@ -3,9 +3,10 @@
 Only JSON and safetensors are ever read: a pickle (`adapter_model.bin`, `.pt`, ...) can run code when loaded, so
 we refuse it and say how to convert it. A save builds the new directory beside the target and swaps the two
 atomically (`atomic.replace_directory_files`): wherever it is killed, the directory holds the old adapter or the
-new one, never a mix, and the other files in it are kept. The weights file's metadata holds the SHA-256 of the
-config it was saved with, so a mixed pair (a reader that opened the config before a save's swap and the weights
-after it, or files copied by hand from two adapters) is reported on load.
+new one, never a mix, and the other files in it are kept. A read opens both files in the one directory it holds
+open, so a save racing it cannot hand it a mixed pair either. The weights file's metadata holds the SHA-256 of the
+config it was saved with, so a mixed pair that other tools made (files copied by hand from two adapters, a reader
+without that care) is reported on load.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import stat
 import struct
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -184,19 +186,21 @@ def _target_kind(target: Path) -> str:
         return "which does not exist"
 
 
-def _open_regular(path: Path, directory: Path) -> int | None:
+def _open_regular(path: Path, directory: Path, dir_fd: int | None = None) -> int | None:
     """A read-only descriptor of `path` if it is a regular file; None if there is no such entry.
 
     The entry is inspected with lstat / stat before it is opened, so a FIFO (whose open would block) or a
     device (/dev/zero never ends) is named, never read. A symlink is followed only to a regular file inside
     `directory`. The open is non-blocking and must yield the very file inspected, so a swap in between is
-    caught too.
+    caught too. With `dir_fd` (the directory, open), the entry is looked up in that very directory, whatever
+    `directory` names by then.
 
     Raises:
         AdapterFileError: not a regular file, a symlink leaving the directory, or a dangling symlink.
     """
+    name: str | Path = path if dir_fd is None else path.name
     try:
-        info = os.lstat(path)
+        info = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     if stat.S_ISLNK(info.st_mode):
@@ -207,7 +211,7 @@ def _open_regular(path: Path, directory: Path) -> int | None:
                 f"{_target_kind(target)}), not a regular file; copy the file into {directory} instead"
             )
         try:
-            info = os.stat(path)
+            info = os.stat(name, dir_fd=dir_fd)
         except OSError as err:
             raise AdapterFileError(
                 f"{path} is a symlink to {target}, which cannot be read ({err.strerror})"
@@ -215,7 +219,7 @@ def _open_regular(path: Path, directory: Path) -> int | None:
     if not stat.S_ISREG(info.st_mode):
         raise AdapterFileError(f"{path} is {_kind(info.st_mode)}, not a regular file")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    fd = os.open(path, flags)
+    fd = os.open(name, flags, dir_fd=dir_fd)
     opened = os.fstat(fd)
     if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
         os.close(fd)
@@ -299,8 +303,8 @@ def _json_kind(value: Any) -> str:
     return next((words for cls, words in kinds if isinstance(value, cls)), "null")
 
 
-def _read_config(path: Path) -> tuple[dict[str, Any], bytes]:
-    fd = _open_regular(path, path.parent)
+def _read_config(path: Path, dir_fd: int | None = None) -> tuple[dict[str, Any], bytes]:
+    fd = _open_regular(path, path.parent, dir_fd)
     if fd is None:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path.parent}")
     try:
@@ -468,6 +472,33 @@ def _refuse_nonfinite(tensors: Mapping[str, Tensor], path: Path) -> None:
             )
 
 
+_ATTEMPTS = 5  # reads of a directory that saves keep replacing under the reader
+
+
+def _open_directory(directory: Path) -> int:
+    """`directory` opened as a directory (a descriptor), or FileNotFoundError."""
+    try:
+        return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"no adapter directory {directory}") from None
+
+
+def _swapped(directory: Path, dir_fd: int, attempt: int) -> bool:
+    """Whether `directory` now names another directory than `dir_fd` (a save replaced it) and another attempt
+    is left; where a save has set it aside for an instant (where the system cannot swap directories
+    atomically), wait a little for the new one."""
+    if attempt + 1 >= _ATTEMPTS:
+        return False
+    held = os.fstat(dir_fd)
+    for _ in range(100):
+        try:
+            now = os.stat(directory)
+            return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+        except FileNotFoundError:
+            time.sleep(0.01)
+    return False
+
+
 def read_adapter(
     directory: str | os.PathLike[str], *, allow_nonfinite: bool = False
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -496,18 +527,31 @@ def read_adapter(
         AdapterFileError: any of the above.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no adapter directory {directory}")
     weights = directory / WEIGHTS_NAME
-    fd = _open_regular(weights, directory)
-    if fd is None:
-        _refuse_pickles(directory)
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-    try:
-        config, raw = _read_config(directory / CONFIG_NAME)
-        tensors, metadata = _read_tensors(fd, weights)
-    finally:
-        os.close(fd)
+    for attempt in range(_ATTEMPTS):
+        dir_fd = _open_directory(directory)
+        fd = None
+        try:
+            # Both files are opened in one directory, held open: a save that swaps `directory` meanwhile
+            # (`lx.save_adapter`) cannot pair this directory's weights with the next one's config.
+            fd = _open_regular(weights, directory, dir_fd)
+            if fd is None:
+                if _swapped(directory, dir_fd, attempt):
+                    continue
+                _refuse_pickles(directory)
+                raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+            try:
+                config, raw = _read_config(directory / CONFIG_NAME, dir_fd)
+            except FileNotFoundError:
+                if _swapped(directory, dir_fd, attempt):  # emptied by the save that replaced it
+                    continue
+                raise
+            tensors, metadata = _read_tensors(fd, weights)
+            break
+        finally:
+            if fd is not None:
+                os.close(fd)
+            os.close(dir_fd)
     if not allow_nonfinite:
         _refuse_nonfinite(tensors, weights)
     saved_with = metadata.get(_CONFIG_HASH)
