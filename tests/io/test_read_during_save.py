@@ -47,7 +47,9 @@ def test_a_save_between_the_two_opens_is_not_mixed(
 
     monkeypatch.setattr(files, "_read_config", save_first)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a mixed pair would warn that the config is not the weights'
+        warnings.simplefilter(
+            "error"
+        )  # a mixed pair would warn that the config is not the weights'
         config, tensors = files.read_adapter(directory)
     assert saved
     assert torch.equal(tensors[KEY], expected[config["lora_alpha"]])
