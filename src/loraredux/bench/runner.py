@@ -126,9 +126,9 @@ def run_trials(
     versions = library_versions()
     finished = failed = 0
     suites = sorted({t.suite for t in todo})
-    bar = tqdm(
-        todo, desc=" + ".join(suites) or "bench", unit="run", disable=not progress or not todo
-    )
+    # disable=None: no bar where stderr is not a terminal (a CI log), as train's
+    off = True if not progress or not todo else None
+    bar = tqdm(todo, desc=" + ".join(suites) or "bench", unit="run", disable=off)
     for trial in bar:
         bar.set_postfix_str(
             f"{trial.problem} {trial.method} {trial.optimizer} lr={trial.lr:g} seed={trial.seed}"
