@@ -779,3 +779,24 @@ def test_lr_factor_rises_then_falls_within_zero_and_one(steps, data):
     assert factors[warmup:] == sorted(factors[warmup:], reverse=True)  # then falling
     if warmup < steps:
         assert factors[warmup] == 1.0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_files_get_the_usual_permissions(tmp_path, umask):
+    """Another user (a serving or evaluation process) can read a checkpoint wherever the umask lets it."""
+    old = os.umask(umask)
+    try:
+        fit(
+            make(),
+            BATCHES,
+            mse,
+            TrainConfig(steps=1, lr=1e-2),
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+    finally:
+        os.umask(old)
+    folder = tmp_path / "checkpoint"
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
+    for name in ("tensors.safetensors", "state.json"):
+        assert os.stat(folder / name).st_mode & 0o777 == 0o666 & ~umask, name
