@@ -10,10 +10,10 @@ LATEST ?= .venv-latest
 
 .PHONY: setup demo test lint bench lock test-latest clean
 
+# A new lock rebuilds .venv from scratch. The lock is complete, so nothing else may come in (--no-deps).
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	# Everything is pinned and resolved in the lock, so nothing else may come in (--no-deps).
 	$(PIP) --no-deps -r requirements.lock -r lock/assets.txt
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
