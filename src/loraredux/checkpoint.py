@@ -351,7 +351,8 @@ def save(
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=_TMP))
         _reached("tmp")
         save_file(tensors, str(tmp / _TENSORS))
-        os.chmod(tmp / _TENSORS, 0o666 & ~_umask())  # safetensors writes 0600; a file gets the usual mode
+        # safetensors writes 0600; a checkpoint's files get the usual mode, as any file this process makes
+        os.chmod(tmp / _TENSORS, 0o666 & ~_umask())
         _fsync(tmp / _TENSORS)
         _reached("tensors")
         with open(tmp / _STATE, "w", encoding="utf-8") as fh:
