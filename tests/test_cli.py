@@ -1,6 +1,7 @@
 """The command line, end to end on the packaged MiniLM: train, then PEFT, inspect and merge agree on the result."""
 
 import json
+import os
 import shlex
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import loraredux as lx
 from loraredux import checkpoint
 from loraredux.cli import build_parser, main
+from tiny_models import tiny_bert
 
 
 def test_every_command_and_option_has_help(capsys):
@@ -409,8 +411,46 @@ def test_a_diverged_run_is_one_line_naming_the_step_and_the_checkpoint(toy, tmp_
     assert err.count("\n") == 1 and err.startswith(
         "error: the loss is nan at step 5; the first non-finite "
     )
-    assert err.strip().endswith(f"the last good checkpoint is {out / 'checkpoint'} (step 4)")
+    assert f"the last good checkpoint is {out / 'checkpoint'} (step 4)" in err
+    assert err.strip().endswith("a lower --lr (this run: 0.01) often keeps training finite")
     assert checkpoint.find(out).step == 4 and not (out / "metrics.json").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"loraredux {lx.__version__}"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_anywhere_adds_the_traceback_to_the_one_line(tmp_path, capsys, where):
+    argv = ["inspect", str(tmp_path / "missing")]
+    argv = ["-v", *argv] if where == "before" else [*argv, "--verbose"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert err.strip().splitlines()[-1] == f"error: no adapter directory {tmp_path / 'missing'}"
+    assert main(argv[1:] if where == "before" else argv[:-1]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # without -v: the one line only
+
+
+def test_a_damaged_adapter_file_is_one_line_in_inspect_and_merge(tmp_path, capsys):
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    model = lx.adapt_(base, lx.config("lora", rank=2), ["query", "value"])
+    directory = lx.save_adapter(model, tmp_path / "adapter")
+    weights = directory / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated
+    for argv in (
+        ["inspect", str(directory)],
+        ["merge", str(directory), "--out", str(tmp_path / "m")],
+    ):
+        assert main([*argv, "--model", str(tmp_path / "base")]) == 2
+        err = capsys.readouterr().err  # transformers' own loading bars may come first
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("error: "), err
+        assert "adapter_model.safetensors" in err and "truncated" in err
 
 
 def test_ctrl_c_in_bench_says_the_same_command_continues(tmp_path, monkeypatch, capsys):
@@ -426,3 +466,28 @@ def test_ctrl_c_in_bench_says_the_same_command_continues(tmp_path, monkeypatch, 
         f"interrupted; every finished run is kept in {tmp_path / 'b'}; the same command continues: "
         f"loraredux bench sp --quick --out {tmp_path / 'b'}"
     )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_merged_model_gets_the_usual_permissions(tmp_path, umask, capsys):
+    """A serving process running as another user can read the merged model wherever the umask lets it."""
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    model = lx.adapt_(
+        base, lx.config("lora", rank=2), ["query", "value"], modules_to_save=["classifier"]
+    )
+    directory = lx.save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    old = os.umask(umask)
+    try:
+        assert (
+            main(["merge", str(directory), "--out", str(out), "--model", str(tmp_path / "base")])
+            == 0
+        )
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for path in files:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path.name

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from .adapters import add_adapter_commands
 from .advise import add_advise
@@ -38,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log progress details, and show the traceback of an error (anywhere on the line)",
+    )
+    parser.add_argument("--version", action="version", version=f"loraredux {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_advise(sub)
     add_train(sub)
@@ -47,10 +54,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from loraredux import __version__
+
+    return __version__
+
+
+_VERBOSE = ("-v", "--verbose")
+
+
+def _split_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without -v / --verbose, wherever they stand (before a `--`), and whether one was there: argparse
+    takes a main-parser flag only before the subcommand."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a not in _VERBOSE] + argv[end:]
+    return kept, len(kept) != len(argv)
+
+
+def _error(err: BaseException, verbose: bool) -> None:
+    """One line for a person; the traceback too with -v."""
+    if verbose:
+        traceback.print_exception(err)
+    print(f"error: {err}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (2: a usage or library error, 130: interrupted by Ctrl-C)."""
+    """Run one command; returns the exit status (2: a usage or library error, 1: a run that failed on the way,
+    such as a diverged loss or a file system error, 130: interrupted by Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parsed, verbose = _split_verbose(argv)
+    args = build_parser().parse_args(parsed)
+    args.verbose = args.verbose or verbose
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
@@ -60,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
         # Library errors are written for people: show them without a traceback.
-        print(f"error: {err}", file=sys.stderr)
+        _error(err, args.verbose)
         return 2
+    except (FloatingPointError, OSError) as err:
+        # A run that diverged, a disk that filled, a file that could not be read: no bug, one line.
+        _error(err, args.verbose)
+        return 1
     except KeyboardInterrupt:
         # Ctrl-C is a choice, not a crash: one line (a command says how to continue), the shell's status 130.
         note = getattr(args, "on_interrupt", None)

@@ -420,7 +420,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     # A diverged run or a full disk is no bug: one line (the step, the layer, the checkpoint kept), status 1.
-    except (NonFiniteError, OSError) as err:
+    except NonFiniteError as err:
+        hint = (
+            f"; a lower --lr (this run: {lr:g}) often keeps training finite"
+            if err.what != "parameter"
+            else ""
+        )
+        print(f"error: {err}{hint}", file=sys.stderr)
+        return 1
+    except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     after = task.evaluate(model.eval())
