@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,12 +312,15 @@ def _toy_outcome(out) -> tuple[dict, dict]:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--save-every", "2"], "--save-every needs --out DIR"),
-        (["--resume"], "--resume needs --out DIR"),
+        (["--resume"], "--resume needs --out DIR, the folder of the run to continue"),
+        (
+            ["--resume", "--overwrite", "--out", "x"],
+            "--resume continues the run in --out, --overwrite replaces it: give one",
+        ),
         (["--save-every", "0"], None),  # refused by the parser
     ],
 )
-def test_checkpoint_flags_need_out(extra, message, toy, capsys):
+def test_checkpoint_flags_are_checked_before_loading(extra, message, toy, capsys):
     if message is None:
         with pytest.raises(SystemExit):
             main([*TOY, *extra])
@@ -378,11 +382,17 @@ def test_ctrl_c_prints_where_the_checkpoint_is_and_the_command_that_resumes(toy,
     for key, value in ours[0].items():
         assert torch.equal(value, theirs[0][key]), key
     assert main([*TOY, "--save-every", "2", "--out", str(out)]) == 2  # a new run would overwrite it
-    assert "holds a checkpoint of an earlier run" in capsys.readouterr().err
-    toy.stop_step = 2
-    assert main([*TOY, "--out", str(tmp_path / "plain")]) == 130
     assert capsys.readouterr().err.strip() == (
-        "interrupted; no checkpoint was written (train with --save-every N --out DIR to resume later)"
+        f"error: --out {out} holds an earlier run (adapter_config.json, adapter_model.safetensors, "
+        "metrics.json, checkpoint); add --resume to continue its checkpoint (step 6), --overwrite to "
+        "replace it, or choose another --out"
+    )
+    toy.stop_step = 2
+    plain = tmp_path / "plain"
+    assert main([*TOY, "--out", str(plain)]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted before the first checkpoint; nothing was written to {plain / 'checkpoint'} "
+        "(run the same command again to start over)"
     )
 
 
@@ -491,3 +501,71 @@ def test_a_merged_model_gets_the_usual_permissions(tmp_path, umask, capsys):
     assert any(p.suffix == ".safetensors" for p in files)
     for path in files:
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_finishes_the_same(
+    toy, tmp_path, capsys, monkeypatch
+):
+    """A scheduler's SIGTERM (or a first Ctrl-C) ends the run after the step in flight, where a checkpoint is
+    written off the --save-every cadence; --resume then gives the uninterrupted run's adapter and metrics."""
+    import os
+    import signal
+
+    full = tmp_path / "full"
+    assert main([*TOY, "--out", str(full)]) == 0
+    out = tmp_path / "run"
+    argv = [*TOY, "--out", str(out)]  # the default cadence: no checkpoint before the last step
+    import loraredux.train as train_module
+
+    real_fit = train_module.fit
+
+    def fit_sending_sigterm(*args, **kwargs):
+        loss_fn = args[2]
+
+        def loss_then_signal(model, batch):
+            loss = loss_fn(model, batch)
+            if model.training and not getattr(loss_then_signal, "sent", False):
+                loss_then_signal.calls = getattr(loss_then_signal, "calls", 0) + 1
+                if loss_then_signal.calls == 3:  # during step 3
+                    loss_then_signal.sent = True
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return loss
+
+        return real_fit(args[0], args[1], loss_then_signal, *args[3:], **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", fit_sending_sigterm)
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping after this step" in err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted; the last checkpoint is {out / 'checkpoint'} (step 3); resume with: "
+        + shlex.join(["loraredux", *argv, "--resume"])
+    )
+    assert checkpoint.find(out).step == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    monkeypatch.setattr(train_module, "fit", real_fit)
+    assert main([*argv, "--resume"]) == 0
+    ours, theirs = _toy_outcome(out), _toy_outcome(full)
+    assert ours[1] == theirs[1]
+    for key, value in ours[0].items():
+        assert torch.equal(value, theirs[0][key]), key
+
+
+def test_without_out_a_new_named_folder_is_used_and_printed(toy, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(TOY) == 0
+    (made,) = (tmp_path / "runs").iterdir()
+    assert made.name.startswith("train-")
+    assert f"writing to {Path('runs') / made.name}/" in capsys.readouterr().out
+    assert (made / "adapter_config.json").exists() and (made / "metrics.json").exists()
+
+
+def test_overwrite_replaces_an_earlier_run(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TOY, "--out", str(out), "--seed", "1"]) == 0
+    first = (out / "adapter_model.safetensors").read_bytes()
+    assert main([*TOY, "--out", str(out)]) == 2
+    assert main([*TOY, "--out", str(out), "--overwrite"]) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != first
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 0

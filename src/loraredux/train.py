@@ -4,6 +4,7 @@
         g = (1/k) sum_j grad loss_fn(model, batches((step - 1) k + j))    j = 0 .. k-1 (k = accumulation)
         stop on a non-finite loss or gradient (`NonFiniteError`, nothing changed)
         clip g to max_grad_norm (optional); optimizer step at lr * lr_factor(step - 1); hooks; eval; checkpoint
+        stop there if asked (`should_stop`: a graceful Ctrl-C or SIGTERM), with a checkpoint of that step
 
 Data order is a pure function of the micro-step index, and a checkpoint holds everything else that decides what
 comes next (trainable tensors and adapter buffers such as AdaLoRA's importance scores and masks, optimizer and
@@ -31,7 +32,15 @@ from torch import Tensor, nn
 from . import checkpoint
 from .verbs import adapters, penalty_of
 
-__all__ = ["NonFiniteError", "TrainConfig", "TrainResult", "epoch_batches", "fit", "lr_factor"]
+__all__ = [
+    "NonFiniteError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingStopped",
+    "epoch_batches",
+    "fit",
+    "lr_factor",
+]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,6 +192,21 @@ class NonFiniteError(FloatingPointError):
         self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Training ended at a step boundary because `fit`'s `should_stop` asked (a Ctrl-C or SIGTERM handled
+    gracefully); a KeyboardInterrupt, so code that handles Ctrl-C handles it too.
+
+    Attributes:
+        step: the last optimizer step done.
+        checkpoint: the folder of that step's checkpoint, None without a checkpoint_dir.
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"; its checkpoint is {checkpoint}" if checkpoint is not None else ""
+        super().__init__(f"training stopped after step {step} as asked{where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 def _first_non_finite(named: Sequence[tuple[str, nn.Parameter]], grads: bool) -> str | None:
     """The name of the first parameter (in model order) whose gradient (or value) has a NaN or an infinity.
 
@@ -291,6 +315,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     signature: Mapping[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train the parameters of `model` that require a gradient; see the module docstring for the loop.
@@ -323,6 +348,10 @@ def fit(
         signature: JSON values naming what else decides the trajectory (the model, the data, the adapter, the
             optimizer and its options: the caller knows); kept in each checkpoint, and a resume whose signature
             differs is refused, naming the keys.
+        should_stop: asked after each step; True ends the run there, at a step boundary: a checkpoint of that
+            step is written (with a `checkpoint_dir`), from which `resume=True` continues exactly, and
+            `TrainingStopped` is raised. For a graceful Ctrl-C or SIGTERM (`loraredux train` sets a flag in its
+            signal handlers).
         progress: a tqdm bar (loss, lr); it also stays off when stderr is not a terminal.
 
     Raises:
@@ -330,6 +359,7 @@ def fit(
             does not fit the model, the config or the signature. FileNotFoundError: resume without a checkpoint.
         NonFiniteError: a non-finite loss or gradient (raised before that step changes any parameter), or
             non-finite parameters where a checkpoint is due (not written). A `FloatingPointError`.
+        TrainingStopped: `should_stop` said so (a KeyboardInterrupt).
         OSError: `checkpoint_dir` cannot be created or written, or its disk has no room for a checkpoint (before
             the first step), or a checkpoint write failed (the previous checkpoint is kept).
     """
@@ -455,7 +485,8 @@ def fit(
                 logger.info("step %d: %s", step, result.evals[-1][1])
             result.seconds = seconds_before + time.perf_counter() - t0
             every = config.checkpoint_every
-            if root is not None and (last or (every and step % every == 0)):
+            asked = should_stop is not None and not last and bool(should_stop())
+            if root is not None and (last or asked or (every and step % every == 0)):
                 finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
                 if not bool(finite):  # never replace a good checkpoint by a broken state
                     bad = _first_non_finite(named, grads=False)
@@ -470,6 +501,9 @@ def fit(
                     result.steps,
                 )
                 wrote_one = True
+            if asked:
+                saved = None if root is None else checkpoint.find(root)
+                raise TrainingStopped(step, None if saved is None else saved.path)
     finally:
         bar.close()
         model.train(was_training)

@@ -7,9 +7,13 @@ With `--save-every N --out DIR` the run checkpoints into DIR/checkpoint/ (see `l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,23 +136,30 @@ def add_train(sub: Any) -> None:
         "--out",
         type=Path,
         default=None,
-        help="write the adapter (PEFT format) and metrics.json here",
+        help="write the adapter (PEFT format), metrics.json and the checkpoints here; default: a new folder "
+        "runs/train-MODEL-DATA-METHOD-TIME, printed at the start",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out (its adapter, metrics and checkpoint); without it such an --out "
+        "is refused",
     )
     p.add_argument(
         "--save-every",
         type=positive_int,
         default=None,
         metavar="N",
-        help="checkpoint every N steps (and after the last) into OUT/checkpoint/, so that a run that is "
-        "killed or interrupted can continue with --resume; needs --out (default with --resume: the "
-        "checkpointed run's N)",
+        help=f"checkpoint every N steps (and after the last, and at Ctrl-C or SIGTERM) into OUT/checkpoint/, "
+        f"so that a run that is killed or interrupted can continue with --resume; default {SAVE_EVERY} "
+        "(with --resume: the checkpointed run's N)",
     )
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run checkpointed in OUT/checkpoint/ (written with --save-every); the options that "
-        "decide the training (model, data, method and its fields, optimizer, steps, lr, seed, ...) must be "
-        "those of that run; the result is the same as if it had never stopped",
+        help="continue the run checkpointed in OUT/checkpoint/ (needs --out); the options that decide the "
+        "training (model, data, method and its fields, optimizer, steps, lr, seed, ...) must be those of "
+        "that run; the result is the same as if it had never stopped",
     )
     p.set_defaults(run=_cmd_train, on_interrupt=_interrupted)
 
@@ -215,6 +226,46 @@ def _recommendation(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any,
     return cfg, patterns, adapt.get("targets"), optimizer
 
 
+SAVE_EVERY = (
+    100  # steps between checkpoints by default: a LoRA checkpoint is small, a lost hour is not
+)
+_EARLIER_RUN = ("adapter_config.json", "adapter_model.safetensors", "metrics.json")
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    """A new folder named after the run, under runs/ (never an existing one)."""
+    model = Path(str(args.model)).name or "model"
+    data = Path(str(args.data)).stem or "data"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"train-{model}-{data}-{args.method}-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = out.with_name(f"train-{model}-{data}-{args.method}-{stamp}-{n}")
+    return out
+
+
+def _check_earlier_run(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that holds an earlier run, unless --overwrite (which drops its checkpoint, so that it
+    cannot be taken for this run's)."""
+    import shutil
+
+    from loraredux import checkpoint
+
+    found = checkpoint.find(out) if out.is_dir() else None
+    held = [n for n in _EARLIER_RUN if (out / n).exists()] + ([found.path.name] if found else [])
+    if not held:
+        return
+    if not overwrite:
+        hint = f"--resume to continue its checkpoint (step {found.step}), " if found else ""
+        raise UsageError(
+            f"--out {out} holds an earlier run ({', '.join(held)}); add {hint}--overwrite to replace it, "
+            "or choose another --out"
+        )
+    if found is not None:
+        shutil.rmtree(found.path)
+
+
 def _check_out(out: Path) -> None:
     """Refuse an --out that cannot become a writable folder, before anything is loaded: it exists and is not a
     folder, a parent is a file, or no file can be created where it would go (a probe file, removed at once)."""
@@ -240,6 +291,7 @@ _TRAJECTORY = (
     "model", "data", "batch_size", "max_length", "train_examples", "seed", "method", "targets",
     "exclude", "rank", "alpha", "dropout", "rslora", "init", "init_option", "calibration_batches",
     "field", "optimizer", "optimizer_option", "recommendation", "steps", "lr",
+    "text_column", "label_column", "messages_column",
 )  # fmt: skip
 
 
@@ -288,14 +340,45 @@ def _check_resume(args: argparse.Namespace, signature: dict[str, Any]) -> Any:
     return found
 
 
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """Within the block, a first Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current step, where
+    `fit` writes a checkpoint to resume from; a second Ctrl-C stops at once. Yields the question `fit` asks."""
+    import signal
+
+    asked = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if asked["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked["stop"] = True
+        name = signal.Signals(signum).name
+        print(
+            f"{name}: stopping after this step, with a checkpoint (Ctrl-C again: at once)",
+            file=sys.stderr,
+        )
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+    ):  # only the main thread may set handlers
+        yield lambda: False
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: asked["stop"]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
     """The one line `main` prints on Ctrl-C: where the last checkpoint is and the command that resumes."""
     import shlex
 
     from loraredux import checkpoint
 
-    if args.out is None or (args.save_every is None and not args.resume):
-        return "interrupted; no checkpoint was written (train with --save-every N --out DIR to resume later)"
+    if args.out is None:  # before the run began
+        return "interrupted before training began; nothing was written"
     found = checkpoint.find(args.out)
     if found is None:
         return (
@@ -303,6 +386,9 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
             "(run the same command again to start over)"
         )
     again = list(argv) + ([] if args.resume else ["--resume"])
+    if "--out" not in argv:  # the folder chosen for the run
+        again += ["--out", str(args.out)]
+    again = [a for a in again if a != "--overwrite"]
     return (
         f"interrupted; the last checkpoint is {found.path} (step {found.step}); resume with: "
         f"loraredux {shlex.join(again)}"
@@ -310,20 +396,17 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import sys
-
     import torch
 
     import loraredux as lx
-    from loraredux import checkpoint
     from loraredux.io.files import write_json_atomic
     from loraredux.tasks import adapt_for_task
     from loraredux.train import NonFiniteError, TrainConfig, fit
 
-    if args.out is not None:
-        _check_out(args.out)
-    elif args.save_every is not None or args.resume:
-        raise UsageError(f"{'--resume' if args.resume else '--save-every'} needs --out DIR")
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out DIR, the folder of the run to continue")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one")
     advice = _recommendation(args) if args.recommendation is not None else None
     if advice is not None:
         cfg, patterns, advised_targets, advised_optimizer = advice
@@ -338,16 +421,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(
             f"unknown --optimizer {args.optimizer!r}; choose from {lx.optim.available()}"
         )
+    if args.out is None:
+        args.out = _default_out(args)
+        print(f"writing to {args.out}/ (--out DIR chooses the folder)")
+    _check_out(args.out)
     signature = _signature(args, cfg, patterns)
     save_every = args.save_every
     if args.resume:
         found = _check_resume(args, signature)
         save_every = save_every or found.config.get("checkpoint_every")
-    elif save_every is not None and (found := checkpoint.find(args.out)) is not None:
-        raise UsageError(
-            f"--out {args.out} holds a checkpoint of an earlier run ({found.path}, step {found.step}); add "
-            "--resume to continue it, or choose another --out"
-        )
+    else:
+        _check_earlier_run(args.out, args.overwrite)
+    save_every = save_every or SAVE_EVERY
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, task, data = build_task(args)
@@ -404,21 +489,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UsageError(f"--optimizer {args.optimizer}: {err}") from None
 
-    checkpointed = save_every is not None or args.resume
     if args.resume:
         print(f"resuming from {found.path} (step {found.step} of {steps})")
     try:
-        result = fit(
-            model,
-            task.batches,
-            task.loss_fn,
-            train_cfg,
-            optimizer=make_optimizer,
-            checkpoint_dir=args.out if checkpointed else None,
-            resume=args.resume,
-            signature=signature,
-            progress=not args.no_progress,
-        )
+        with _stop_on_signals() as asked:
+            result = fit(
+                model,
+                task.batches,
+                task.loss_fn,
+                train_cfg,
+                optimizer=make_optimizer,
+                checkpoint_dir=args.out,
+                resume=args.resume,
+                signature=signature,
+                should_stop=asked,
+                progress=not args.no_progress,
+            )
     # A diverged run or a full disk is no bug: one line (the step, the layer, the checkpoint kept), status 1.
     except NonFiniteError as err:
         hint = (
@@ -437,28 +523,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - t0:.0f} s in all)"
     )
 
-    if args.out is not None:
-        lx.save_adapter(model, args.out)
-        metrics = {
-            f"{task.metric}_before": before[task.metric],
-            f"{task.metric}_after": after[task.metric],
-            "model": args.model,
-            "data": data,
-            "method": args.method,
-            "optimizer": args.optimizer,
-            "optimizer_options": options,
-            "config": cfg.to_dict(),
-            "targets": targets,
-            **patterns,
-            "steps": steps,
-            "lr": lr,
-            "batch_size": batch_size,
-            "seed": args.seed,
-            "trainable_parameters": n_train,
-            "total_parameters": n_total,
-            "final_train_loss": result.losses[-1] if result.losses else None,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        write_json_atomic(args.out / "metrics.json", metrics)
-        print(f"adapter and metrics written to {args.out}/")
+    lx.save_adapter(model, args.out)
+    metrics = {
+        f"{task.metric}_before": before[task.metric],
+        f"{task.metric}_after": after[task.metric],
+        "model": args.model,
+        "data": data,
+        "method": args.method,
+        "optimizer": args.optimizer,
+        "optimizer_options": options,
+        "config": cfg.to_dict(),
+        "targets": targets,
+        **patterns,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": args.seed,
+        "trainable_parameters": n_train,
+        "total_parameters": n_total,
+        "final_train_loss": result.losses[-1] if result.losses else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json_atomic(args.out / "metrics.json", metrics)
+    print(f"adapter and metrics written to {args.out}/")
     return 0
