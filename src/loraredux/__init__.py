@@ -5,7 +5,7 @@ lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj
 rec = lx.advise(model, batches, loss_fn)     # measured rank per layer, init, optimizer, method, base format
 """
 
-from . import assets, init, optim, train
+from . import assets, init, optim, tasks, train
 from .adapters import LoRA, LoRAConfig
 from .advisor import Recommendation, advise
 from .core import (
@@ -59,6 +59,7 @@ __all__ = [
     "penalty",
     "register",
     "save_adapter",
+    "tasks",
     "train",
     "trainable_parameters",
     "unadapt_",

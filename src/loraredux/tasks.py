@@ -6,8 +6,9 @@ The CLI's `train` and the benchmark harness share these, so a number in a benchm
 - `classification_task`: sequence classification (e.g. MiniLM on Rotten Tomatoes); metric: accuracy.
 - `language_modeling_task`: causal LM on plain text cut into fixed blocks (e.g. SmolLM2 on the KJV);
   metric: held-out perplexity.
-- `build_task(model, data, ...)`: a packaged model (or a local folder) with its task, as `loraredux train` and the
-  `classify` / `lm` benchmark suites build them.
+- `build_task(model, data, ...)`: a packaged model (or a local folder) with its task, on a packaged data set or
+  the user's own file (CSV, JSON Lines, Parquet, a saved `datasets` folder: see `loraredux.datafiles`), as
+  `loraredux train` and the `classify` / `lm` benchmark suites build them.
 - `adapt_for_task(model, config, task, ...)`: `lx.adapt_` with the task's targets and head, the calibration batches a
   data-aware initialiser needs, and AdaLoRA's rank schedule set to the run's length.
 """
@@ -50,6 +51,9 @@ class Task:
     train_size: int
     default_targets: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(
+        default_factory=dict
+    )  # where the data came from (a file: path, columns, labels)
 
 
 def _classification_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -135,27 +139,48 @@ def language_modeling_task(
     max_tokens: int | None = 400_000,
     seed: int = 0,
     progress: bool = True,
+    eval_texts: Sequence[str] | None = None,
 ) -> Task:
     """Causal LM on `texts` joined and cut into blocks of `seq_len` tokens; the metric is held-out perplexity.
 
-    The held-out blocks are a fixed random sample (seed 0, independent of `seed`) so runs compare.
+    The held-out blocks are a fixed random sample (seed 0, independent of `seed`) so runs compare: `eval_blocks`
+    blocks of the stream, or, with `eval_texts`, up to `eval_blocks` blocks cut from those texts (and every
+    block of `texts` trains).
     """
-    ids: list[int] = []
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for text in texts:
-        ids += tokenizer(text)["input_ids"] + sep
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    n_blocks = len(ids) // seq_len
-    if n_blocks < eval_blocks + 1:
-        raise ValueError(
-            f"the text gives {n_blocks} blocks of {seq_len} tokens; need more than eval_blocks={eval_blocks}"
-        )
-    blocks = torch.tensor(ids[: n_blocks * seq_len]).view(n_blocks, seq_len)
-    order = list(range(n_blocks))
-    random.Random(0).shuffle(order)
-    held_out, train_idx = blocks[order[:eval_blocks]], order[eval_blocks:]
-    train_rows = [blocks[i] for i in train_idx]
+
+    def blocks(parts: Sequence[str]) -> Tensor:
+        ids: list[int] = []
+        sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for text in parts:
+            ids += tokenizer(text)["input_ids"] + sep
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+        n = len(ids) // seq_len
+        return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+    stream = blocks(texts)
+    n_blocks = stream.shape[0]
+    if eval_texts is None:
+        if n_blocks < eval_blocks + 1:
+            raise ValueError(
+                f"the text gives {n_blocks} blocks of {seq_len} tokens; need more than "
+                f"eval_blocks={eval_blocks}"
+            )
+        order = list(range(n_blocks))
+        random.Random(0).shuffle(order)
+        held_out, train_idx = stream[order[:eval_blocks]], order[eval_blocks:]
+    else:
+        held_out, train_idx = blocks(eval_texts), list(range(n_blocks))
+        if n_blocks < 1 or held_out.shape[0] < 1:
+            raise ValueError(
+                f"the training texts give {n_blocks} and the evaluation texts {held_out.shape[0]} blocks of "
+                f"{seq_len} tokens; each needs at least one (more text, or a smaller block length)"
+            )
+        if held_out.shape[0] > eval_blocks:
+            keep = sorted(random.Random(0).sample(range(held_out.shape[0]), eval_blocks))
+            held_out = held_out[keep]
+    n_eval = held_out.shape[0]
+    train_rows = [stream[i] for i in train_idx]
 
     def collate(rows: Sequence[Tensor]) -> Batch:
         return {"input_ids": torch.stack(list(rows))}
@@ -163,7 +188,7 @@ def language_modeling_task(
     @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
         total, count = 0.0, 0
-        for start in _progress(range(0, eval_blocks, batch_size), "evaluating", progress):
+        for start in _progress(range(0, n_eval, batch_size), "evaluating", progress):
             chunk = held_out[start : start + batch_size]
             loss = model(input_ids=chunk, labels=chunk).loss  # mean over chunk's predicted tokens
             n = chunk.shape[0] * (seq_len - 1)
@@ -183,18 +208,31 @@ def language_modeling_task(
     )
 
 
-def _load_folder(path: str, kind: str) -> tuple[Any, Any]:
+_PACKAGED_MODELS = ("minilm", "smollm2")
+
+
+def _check_model(model: str) -> None:
+    """Refuse, before any data is read or model loaded, a model that is neither packaged nor a local folder."""
     from pathlib import Path
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(
-            f"model {path!r} is neither a packaged model (minilm, smollm2) nor a folder"
-        )
+    if model in _PACKAGED_MODELS or Path(model).is_dir():
+        return
+    raise ValueError(
+        f"model {model!r} is neither a packaged model ({', '.join(_PACKAGED_MODELS)}) nor a local "
+        "transformers folder; Hugging Face hub names need the network and are never downloaded: download "
+        f"the model yourself (e.g. `huggingface-cli download {model} --local-dir DIR`) and pass that folder"
+    )
+
+
+def _load_folder(path: str, kind: str, num_labels: int = 2) -> tuple[Any, Any]:
+    from pathlib import Path
+
+    _check_model(path)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    folder = Path(path)
     cls = AutoModelForSequenceClassification if kind == "cls" else AutoModelForCausalLM
-    kwargs = {"num_labels": 2} if kind == "cls" else {}
+    kwargs = {"num_labels": num_labels} if kind == "cls" else {}
     return cls.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
 
 
@@ -209,37 +247,55 @@ def build_task(
     max_tokens: int | None = 400_000,
     seed: int = 0,
     progress: bool = True,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    messages_column: str | None = None,
+    eval_split: str | None = None,
+    eval_fraction: float | None = None,
 ) -> tuple[nn.Module, Task, str]:
-    """A model and its task from the packaged assets: what `loraredux train` and the benchmark suites train.
+    """A model and its task, from the packaged assets or the user's data file: what `loraredux train` and the
+    benchmark suites train.
+
+    A data file is read and checked (`loraredux.datafiles.read_data`) before any model is loaded, so bad data
+    fails fast; its task is inferred from its columns (a label: classification with a new head of as many
+    classes; messages: causal LM on the conversations rendered with the tokenizer's chat template; a text
+    alone: causal LM). `task.info` records the file, the columns and the label mapping.
 
     Args:
-        model: "minilm", "smollm2" or a local transformers folder (a classifier for rotten_tomatoes, a causal LM
-            for kjv and chat). A new classification head is drawn from torch's RNG: seed it first.
-        data: "rotten_tomatoes" (classification), "kjv" or "chat" (language modelling); None picks kjv for
-            smollm2 and rotten_tomatoes otherwise.
-        train_examples: classification: training snippets sampled from the train split with `seed`.
-        eval_examples: test snippets (a fixed sample, seed 0; default 1000) or held-out blocks (default 32).
+        model: "minilm", "smollm2" or a local transformers folder (a classifier for classification, a causal LM
+            for language modelling). A new classification head is drawn from torch's RNG: seed it first.
+        data: "rotten_tomatoes" (classification), "kjv" or "chat" (language modelling), or the path of a CSV,
+            JSON Lines, Parquet file or a folder saved by `datasets`; None picks kjv for smollm2 and
+            rotten_tomatoes otherwise.
+        train_examples: classification: training examples sampled from the train split with `seed`.
+        eval_examples: test examples (a fixed sample, seed 0; default 1000) or held-out blocks (default 32).
         batch_size: default 32 (classification) or 8 (language modelling).
         max_length: truncation (classification, default 64) or block length (language modelling, default 128).
         max_tokens: language modelling: tokens read from the start of the text (None: all of it).
         seed: the training sample and the data order.
         progress: progress bars while evaluating.
+        text_column, label_column, messages_column, eval_split, eval_fraction: a data file's columns and
+            evaluation examples, as `datafiles.read_data` takes them (the held-out fraction is drawn with seed
+            0 whatever `seed`, so runs compare on the same examples).
 
     Returns:
-        (model, task, the data set's name).
+        (model, task, the data set's name or the file's path).
 
     Raises:
-        ValueError: an unknown data set, a model that does not fit the data, or a model that is neither packaged
-            nor a folder.
+        ValueError: an unknown data set, bad data in a file (naming the file, the row and the column), a model
+            that does not fit the data, or a model that is neither packaged nor a folder.
     """
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    columns = {"text_column": text_column, "label_column": label_column,
+               "messages_column": messages_column, "eval_split": eval_split,
+               "eval_fraction": eval_fraction}  # fmt: skip
     try:
         return _build_task(model, data, train_examples, eval_examples, batch_size, max_length,
-                           max_tokens, seed, progress)  # fmt: skip
+                           max_tokens, seed, progress, columns)  # fmt: skip
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -255,12 +311,26 @@ def _build_task(
     max_tokens: int | None,
     seed: int,
     progress: bool,
+    columns: dict[str, Any],
 ) -> tuple[nn.Module, Task, str]:
-    from . import assets
+    from . import assets, datafiles
 
+    _check_model(model)
     data = data or ("kjv" if model == "smollm2" else "rotten_tomatoes")
     if data not in assets.DATASETS:
-        raise ValueError(f"unknown data {data!r}; choose from {sorted(assets.DATASETS)}")
+        if not datafiles.is_data_path(data):
+            raise ValueError(
+                f"unknown data {data!r}; choose from {sorted(assets.DATASETS)} or give the path of a CSV, "
+                "JSON Lines or Parquet file or of a folder saved by `datasets`"
+            )
+        sizes = (train_examples, eval_examples, batch_size, max_length, max_tokens)
+        net, task = _file_task(model, datafiles.read_data(data, **columns), *sizes, seed, progress)
+        return net, task, data
+    given = [f"{k}={v!r}" for k, v in columns.items() if v is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to a data file, not the packaged data set {data!r}"
+        )
     if data == "rotten_tomatoes":
         if model == "smollm2":
             raise ValueError(
@@ -298,6 +368,75 @@ def _build_task(
             progress=progress,
         )
     return net, task, data
+
+
+def _file_task(
+    model: str,
+    data: Any,
+    train_examples: int,
+    eval_examples: int | None,
+    batch_size: int | None,
+    max_length: int | None,
+    max_tokens: int | None,
+    seed: int,
+    progress: bool,
+) -> tuple[nn.Module, Task]:
+    """The model and task for a `datafiles.DataFile`, read and checked already."""
+    from . import assets
+
+    if data.kind == "classification":
+        if model == "smollm2":
+            raise ValueError(
+                f"{data.path} is classification; use model minilm or a classifier folder"
+            )
+        n = data.num_labels
+        net, tok = (
+            assets.load_minilm(num_labels=n) if model == "minilm" else _load_folder(model, "cls", n)
+        )
+        # The class names travel with the model (its config), and with the task for the caller.
+        names = data.label_names or [str(i) for i in range(n)]
+        net.config.id2label = dict(enumerate(names))
+        net.config.label2id = {name: i for i, name in enumerate(names)}
+        train = random.Random(seed).sample(data.train, min(train_examples, len(data.train)))
+        test = random.Random(0).sample(data.eval, min(eval_examples or 1000, len(data.eval)))
+        task = classification_task(
+            tok,
+            train,
+            test,
+            batch_size=batch_size or 32,
+            max_length=max_length or 64,
+            seed=seed,
+            progress=progress,
+        )
+    else:
+        if model == "minilm":
+            raise ValueError(
+                f"{data.path} is language modelling ({data.kind}); use model smollm2 or a causal LM folder"
+            )
+        net, tok = assets.load_smollm2() if model == "smollm2" else _load_folder(model, "lm")
+        train, held_out = data.train, data.eval
+        if data.kind == "chat":
+            if not getattr(tok, "chat_template", None):
+                raise ValueError(
+                    f"{data.path} holds conversations but the tokenizer of model {model!r} has no chat "
+                    "template to render them; use a chat model, or a text column"
+                )
+            train = [tok.apply_chat_template(c, tokenize=False) for c in train]
+            if held_out is not None:
+                held_out = [tok.apply_chat_template(c, tokenize=False) for c in held_out]
+        task = language_modeling_task(
+            tok,
+            train,
+            batch_size=batch_size or 8,
+            seq_len=max_length or 128,
+            eval_blocks=eval_examples or 32,
+            max_tokens=max_tokens,
+            seed=seed,
+            progress=progress,
+            eval_texts=held_out,
+        )
+    task.info = data.describe()
+    return net, task
 
 
 def adapt_for_task(

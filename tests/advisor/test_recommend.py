@@ -1,4 +1,4 @@
-"""The advisor end to end on planted problems with known answers (issue 8's "tests with teeth"):
+"""The advisor end to end on planted problems with known answers:
 
 - two layers fed the same inputs, whose targets differ from W0 by updates of rank 2 and rank 8: the advisor
   recovers 2 and 8 as the layers' ranks (a rank pattern), and the configuration it returns builds those ranks;
@@ -296,3 +296,65 @@ def test_measure_layer_keeps_the_threshold_it_used():
     m = measure_layer(W, grads)
     assert m.needed_rank == int((m.gradient_values > m.threshold).sum()) == 2
     assert m.threshold == pytest.approx(optimal_threshold((D_OUT, D_IN), m.noise))
+
+
+# ------------------------------------------------------------------------------------ no surer than the evidence
+
+
+def test_fewer_than_two_calibration_batches_are_refused_with_the_reason():
+    g = torch.Generator().manual_seed(6)
+    model = TwoBranches(decaying_weight(g), decaying_weight(g))
+    batches = regression_batches(model, (low_rank(2, g), low_rank(2, g)), noise=0.1)
+    for n in (0, 1):
+        with pytest.raises(ValueError, match=r"batches: the advisor needs at least 2 .* two halves"):
+            advise(model, batches[:n], mse, targets=["a"])
+    assert advise(model, batches[:2], mse, targets=["a"]).layers["a"].measurement.noise is not None
+
+
+def test_an_adapted_model_is_refused_with_what_to_do():
+    g = torch.Generator().manual_seed(7)
+    model = TwoBranches(decaying_weight(g), decaying_weight(g))
+    lx.adapt_(model, lx.config("lora", rank=2), targets=["a", "b"])
+    with pytest.raises(ValueError, match=r"already adapted .* lx\.unadapt_\(model\)"):
+        advise(model, targets="all-linear")
+    lx.unadapt_(model)
+    assert set(advise(model, targets="all-linear").layers) == {"a", "b"}
+
+
+def test_the_config_rank_says_how_many_layers_hold_it_and_the_median():
+    # the minilm case: the most common rank (5) is held by 4 of 12 layers, the median is 12
+    ranks = dict(enumerate([14, 13, 15, 5, 15, 5, 14, 5, 14, 5, 1, 11]))
+    choice = rules.choose_rank(ranks)
+    assert choice.value == 5
+    assert choice.reason.startswith("rank 5 is only the config's r (4 of 12 layers; layer ranks 1-15, median 12)")
+    assert "not the rank most layers get" in choice.reason and "the 8 others" in choice.reason
+    # a rank most layers hold says so, and the one other layer is named in the singular
+    most = rules.choose_rank({"a": 4, "b": 4, "c": 8})
+    assert most.reason == (
+        "rank 4, the rank of most layers (2 of 3 layers; layer ranks 4-8, median 4); the other layer gets its "
+        "own rank in the rank pattern"
+    )
+    assert rules.choose_rank({"a": 3, "b": 3}).reason == "rank 3: every one of the 2 layers needs it"
+
+
+def test_the_base_reason_says_what_its_estimate_counts():
+    totals = {"bf16": 30 << 30, "int8": 18 << 30}
+    counts = "the base weights, ..., and the activations of one training step on 8 × 512 tokens on cuda"
+    reason = rules.choose_base(totals, 24 << 30, counts=counts).reason
+    assert reason == (
+        "int8: the widest format whose training estimate, 18.00 GiB, fits the 24.00 GiB budget (bf16 30.00 GiB "
+        f"would not fit); each estimate counts {counts}"
+    )
+    assert "training estimate at bf16 is 30.00 GiB" in rules.choose_base(totals, None, counts=counts).reason
+
+
+def test_the_phases_are_logged_and_the_bar_can_be_turned_off(caplog):
+    g = torch.Generator().manual_seed(8)
+    model = TwoBranches(decaying_weight(g), decaying_weight(g))
+    batches = regression_batches(model, (low_rank(2, g), low_rank(2, g)), noise=0.1)[:4]
+    with caplog.at_level("INFO", logger="loraredux.advisor"):
+        advise(model, batches, mse, targets=["a", "b"], progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "advise: measuring TwoBranches on 4 calibration batches" in messages
+    assert "measuring layer 1/2: a" in messages and "measuring layer 2/2: b" in messages
+    assert any(m.startswith("calibration pass 1/1: gradients and inputs of layers 1-2 of 2") for m in messages)

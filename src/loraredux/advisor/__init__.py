@@ -1,4 +1,4 @@
-"""The advisor (issue 8): measure a model and its data, then prescribe rank, init, optimizer, method, base format and
+"""The advisor: measure a model and its data, then prescribe rank, init, optimizer, method, base format and
 serving, each with the measured reason.
 
 - `measure.py`: pure measurements over tensors (spectra, Gavish-Donoho ranks, gradient noise, subspace alignment);

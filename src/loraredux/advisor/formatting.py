@@ -4,7 +4,8 @@ byte format too)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "format_bytes",
     "format_number",
     "is_number",
+    "rank_summary",
     "short_path",
 ]
 
@@ -87,3 +89,15 @@ def short_path(path: str) -> str:
     numbers = [p for p in parts[:-2] if p.isdigit()]
     tail = ".".join(parts[-2:])
     return f"{numbers[-1]}:{tail}" if numbers else tail
+
+
+def rank_summary(ranks: Sequence[int], rank: int) -> str:
+    """How many of the layers hold `rank` (the config's r), and the layer ranks' range and median:
+    "4 of 12 layers; layer ranks 1-15, median 12"."""
+    if not ranks:
+        return "no layers"
+    held = sum(1 for r in ranks if r == rank)
+    text = f"{held} of {len(ranks)} layers"
+    if min(ranks) == max(ranks):
+        return text
+    return f"{text}; layer ranks {min(ranks)}-{max(ranks)}, median {statistics.median(ranks):g}"

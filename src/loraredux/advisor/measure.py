@@ -1,4 +1,4 @@
-"""What the advisor measures (issue 8): pure functions over tensors, no model and no decisions.
+"""What the advisor measures: pure functions over tensors, no model and no decisions.
 
 Spectra of a weight or a gradient:
     energy fractions   E_r = Σ_{i<=r} σ_i² / Σ_i σ_i²

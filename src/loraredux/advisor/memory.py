@@ -1,4 +1,4 @@
-"""The memory model (issue 8): the bytes of a fine-tuning setup from a transformers config alone.
+"""The memory model: the bytes of a fine-tuning setup from a transformers config alone.
 
 The model is built on PyTorch's meta device (shapes, no storage: exact parameter counts for any architecture
 transformers knows, in a fraction of a second) and adapted there with the chosen method, so the counts are the

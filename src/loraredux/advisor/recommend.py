@@ -10,6 +10,7 @@ that explains itself and converts to what `lx.adapt_` takes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,11 +21,13 @@ from ..bases import view_of
 from ..targets import TargetSpec
 from . import rules
 from .measure import LayerMeasurement
-from .model import measure_model
+from .model import MIN_CALIBRATION_BATCHES, check_not_adapted, measure_model
 from .recommendation import LayerAdvice, Recommendation, is_shared, parse_bytes
 from .rules import Choice
 
 __all__ = ["LayerAdvice", "Recommendation", "advise", "parse_bytes"]
+
+logger = logging.getLogger(__name__)
 
 
 def _kind(model: nn.Module) -> str | None:
@@ -65,13 +68,14 @@ def advise(
     preserve: bool = False,
     measurements: Mapping[str, LayerMeasurement] | None = None,
     max_bytes: int = 1 << 30,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Recommendation:
     """Measure `model` (and `batches`) and recommend an adapter configuration, each choice with its reason.
 
     Args:
-        model: the model to fine-tune (not adapted at the target layers; it is left exactly as it was).
-        batches: calibration batches (a few training batches; at least 2 for a noise estimate). None measures the
+        model: the model to fine-tune, not adapted (`lx.adapt_` not called on it); it is left exactly as it was.
+        batches: calibration batches (a few training batches), at least `MIN_CALIBRATION_BATCHES` (2): the
+            gradient noise is the difference between the mean gradients of two halves of them. None measures the
             weights only, and the rank and init fall back to defaults, saying so.
         loss_fn: `(model, batch) -> scalar loss` (default: `model(**batch).loss`).
         targets, exclude: the layers to adapt, as `lx.adapt_` takes them.
@@ -86,13 +90,17 @@ def advise(
         preserve: protect the pretrained knowledge (prefer MiLoRA's minor subspace).
         measurements: `{path: LayerMeasurement}` measured before (skips measuring; `batches` then only set the
             training shape).
-        max_bytes, progress: as in `measure_model`.
+        max_bytes: as in `measure_model`.
+        progress: a tqdm bar over the layers (and the calibration passes), shown only when stderr is a terminal;
+            False turns it off. The phases are also logged at INFO (`logging`, loggers `loraredux.advisor.*`).
 
     Raises:
-        ValueError: no target layer, a bad size or range, or what measuring refuses.
+        ValueError: an already adapted model, fewer than 2 calibration batches, no target layer, a bad size or
+            range, or what measuring refuses.
     """
     from .. import core
 
+    check_not_adapted(model)
     budget_bytes = parse_bytes(budget)
     storage_bytes = parse_bytes(storage)
     if isinstance(adapters, bool) or not isinstance(adapters, int) or adapters < 1:
@@ -103,7 +111,18 @@ def advise(
     if max_rank < min_rank:
         raise ValueError(f"max_rank {max_rank} is below min_rank {min_rank}")
     batches = list(batches) if batches is not None else None
+    if batches is not None and measurements is None and len(batches) < MIN_CALIBRATION_BATCHES:
+        raise ValueError(
+            f"batches: the advisor needs at least {MIN_CALIBRATION_BATCHES} calibration batches, got "
+            f"{len(batches)}: the gradient noise, which decides every layer's rank, is estimated from the "
+            "difference between the mean gradients of two halves of the batches, so each half needs one. "
+            "Pass more batches, or batches=None to measure the weights only"
+        )
     if measurements is None:
+        logger.info(
+            "advise: measuring %s on %s", type(model).__name__,
+            f"{len(batches)} calibration batches" if batches is not None else "its weights only",
+        )  # fmt: skip
         measurements = measure_model(
             model, batches, loss_fn, targets=targets, exclude=exclude, max_bytes=max_bytes,
             progress=progress,
@@ -133,6 +152,7 @@ def advise(
     lora_bytes = 2 * sum(ranks[p] * (o + i) for p, (o, i) in shapes.items())  # 16-bit files
     dora_fits = True
     if kind is not None:
+        logger.info("advise: estimating the training memory of each base format")
         memory, dora_fits = _memory(
             model, kind, ranks, rank.value, targets, exclude, modules_to_save, batch_size, seq_len,
             budget_bytes, device,
@@ -150,7 +170,9 @@ def advise(
     if memory is not None:
         totals = {fmt: part["total"] for fmt, part in memory.items()}
         current = _dtype_format(model)
-        base = rules.choose_base(totals, budget_bytes, current=current)
+        base = rules.choose_base(
+            totals, budget_bytes, current=current, counts=_counts(batch_size, seq_len, device)
+        )
     else:
         base = Choice(
             _dtype_format(model),
@@ -160,7 +182,8 @@ def advise(
         init = Choice(
             "loftq",
             "loftq: the base is quantized to 4 bits, and LoftQ starts the adapter on the low-rank part of the "
-            f"quantization error W0 - Q(W0) (TAXONOMY §6.3); the data gave no better start ({init.reason})",
+            f"quantization error W0 - Q(W0) (LoftQ, arXiv 2310.08659); the data gave no better start "
+            f"({init.reason})",
         )
     base_bytes = memory[base.value]["base"] if memory is not None else None
     serving = rules.choose_serving(adapters, base_bytes)
@@ -186,6 +209,17 @@ def advise(
         device=device,
         model_info={"class": type(model).__name__, "parameters": n_params},
         data_info=data_info,
+    )
+
+
+def _counts(batch_size: int | None, seq_len: int | None, device: str) -> str:
+    """What the base-format estimates count, for the base choice's reason."""
+    parts = "the base weights at that format, the adapters, their gradients and optimizer states"
+    if batch_size is None or seq_len is None:
+        return f"{parts}; no activations (no batch shape was given)"
+    return (
+        f"{parts}, and the activations of one training step on {batch_size} × {seq_len} tokens on {device}; "
+        "an estimate, not a measurement"
     )
 
 

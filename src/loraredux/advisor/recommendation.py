@@ -87,6 +87,8 @@ class LayerAdvice:
             "rank": self.rank,
             "init": self.init,
             "reason": self.reason,
+            "rank_reason": self.rank_reason,
+            "init_reason": self.init_reason,
             "weight": {
                 "singular_values": values(m.weight_values),
                 "effective_rank": m.weight.effective_rank,

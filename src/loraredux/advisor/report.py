@@ -1,4 +1,4 @@
-"""The advisor's report (issue 8): `write_report(rec, DIR)` turns a recommendation (`Recommendation.to_dict()`) into
+"""The advisor's report: `write_report(rec, DIR)` turns a recommendation (`Recommendation.to_dict()`) into
 files an ML engineer reads.
 
     recommendation.json   the recommendation itself (JSON, indent 2, keys in their order)
@@ -16,6 +16,11 @@ is built in memory first, so a recommendation that cannot be rendered writes not
 old version atomically (a temporary file beside it and a rename). `render_markdown`, `render_html` and
 `render_plots` are the pure parts. Numbers print to 3 significant digits, bytes in binary units (1 GiB = 2**30
 bytes), a missing value as "—"; every figure in a sentence is computed from the recommendation.
+
+What the report claims is no surer than its numbers: the comparison of the verification runs (`compare_runs`) calls a
+difference evidence only over at least 2 seeds and beyond the runs' seed spread, and says when another run beat the
+advice; each memory figure says what it counts (`memory_check`: the verification's measured step against the
+base-format estimates); a reason shared by several layers is printed once, with its layers.
 """
 
 from __future__ import annotations
@@ -40,13 +45,16 @@ from .formatting import (
     format_bytes,
     format_number,
     is_number,
+    rank_summary,
 )
 from .plots import CAPTIONS, render_plots
 
 __all__ = [
     "REQUIRED",
+    "compare_runs",
     "format_bytes",
     "format_number",
+    "memory_check",
     "render_html",
     "render_markdown",
     "render_plots",
@@ -187,6 +195,15 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def _grouped(reasons: Mapping[str, list[str]], total: int) -> list[str]:
+    """A line "`a`, `b`: reason" per distinct reason ("All N layers: reason" when every layer shares it)."""
+    return [
+        (f"All {total} layers" if len(paths) == total > 1 else ", ".join(f"`{p}`" for p in paths))
+        + f": {reason}"
+        for reason, paths in reasons.items()
+    ]
+
+
 def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
     layers = rec["layers"]
     default = rec["config"].get("rank")
@@ -202,7 +219,7 @@ def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
         )
         if default is not None:
             off = _count(sum(r != default for r in known), "layer")
-            summary += f" ({off} off the default rank {default})"
+            summary += f" ({off} off the config's r = {default}: {rank_summary(known, default)})"
     summary += (
         f"; the gradient was measured on {len(measured)} of them."
         if measured
@@ -224,7 +241,7 @@ def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
         )
     head = ["layer", "shape", "rank", "init", "needed rank (Gavish-Donoho)", "gradient noise",
             "principal / minor alignment", "W0 effective rank", "input κ"]  # fmt: skip
-    rows, reasons = [], {}
+    rows = []
     for path, layer in layers.items():
         g = layer.get("gradient") or {}
         align = (
@@ -243,20 +260,16 @@ def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
             format_number((layer.get("weight") or {}).get("effective_rank")),
             format_number(layer.get("input_condition")),
         ])  # fmt: skip
-        if layer.get("reason"):
-            reasons.setdefault(str(layer["reason"]), []).append(path)
-    items = [
-        (
-            f"All {len(layers)} layers"
-            if len(paths) == len(layers) > 1
-            else ", ".join(f"`{p}`" for p in paths)
-        )
-        + f": {reason}"
-        for reason, paths in reasons.items()
-    ]
     blocks: list[Block] = [("h2", "Per layer"), ("p", summary), ("table", head, rows)]
-    if items:
-        blocks += [("p", "Why each layer's rank and init:"), ("list", items)]
+    split = all(layer.get("rank_reason") and layer.get("init_reason") for layer in layers.values())
+    keys = (("rank_reason", "Why each layer's rank:"), ("init_reason", "Why each layer's init:"))
+    for key, title in keys if split else (("reason", "Why each layer's rank and init:"),):
+        reasons: dict[str, list[str]] = {}
+        for path, layer in layers.items():
+            if layer.get(key):
+                reasons.setdefault(str(layer[key]), []).append(path)
+        if reasons:
+            blocks += [("p", title), ("list", _grouped(reasons, len(layers)))]
     return blocks + [
         ("image", n, CAPTIONS[n]) for n in ("spectra.png", "ranks.png") if n in available
     ]
@@ -272,9 +285,19 @@ def _memory(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
         dict.fromkeys(k for o in options.values() for k in o if k not in ("total", "fits"))
     )
     budget = memory.get("budget_bytes")
-    text = "Estimated bytes"
+    text = (
+        "The memory model's estimate (not a measurement) of training LoRA at the advised ranks, per base "
+        "format: the base weights at that format, the adapters, their gradients and optimizer states"
+    )
     if memory.get("batch_size") is not None:
-        text += f" for batches of {memory['batch_size']} × {memory.get('seq_len', DASH)} tokens"
+        text += (
+            f", and the activations of one training step on batches of {memory['batch_size']} × "
+            f"{memory.get('seq_len', DASH)} tokens"
+        )
+    else:
+        text += "; no activations (no batch shape was given)"
+    if memory.get("device"):
+        text += f", for training on {memory['device']}"
     text += (
         f", against a budget of **{format_bytes(budget)}**"
         if budget is not None
@@ -324,33 +347,157 @@ def _run_summary(run: Mapping[str, Any]) -> str:
         parts.append(str(run["optimizer"]))
     if run.get("lr") is not None:
         parts.append(f"lr {run['lr']:g}")
+    if run.get("per_seed"):
+        values = "; ".join(f"{k}: {format_number(v, 4)}" for k, v in run["per_seed"].items())
+        parts.append(f"mean of seeds {values} (spread {format_number(_spread(run))})")
     if run.get("sweep"):
         grid = "; ".join(f"{lr}: {format_number(v, 4)}" for lr, v in run["sweep"].items())
         parts.append(f"best of lr {grid}")
     return ", ".join(parts)
 
 
-def _comparison(rec: Mapping[str, Any]) -> str | None:
-    """The sentence comparing the advised run with plain LoRA, from their metrics; None without verification."""
-    verify = rec.get("verify")
+def _seeds(verify: Mapping[str, Any]) -> list[Any]:
+    """The seeds every run trained at (older files name one `seed`)."""
+    return list(verify.get("seeds") or [verify.get("seed", DASH)])
+
+
+def _spread(run: Mapping[str, Any]) -> float | None:
+    """The run's seed spread (largest minus smallest metric over its seeds), None with fewer than 2 seeds."""
+    values = [v for v in (run.get("per_seed") or {}).values() if is_number(v)]
+    return max(values) - min(values) if len(values) >= 2 else None
+
+
+def _noise(verify: Mapping[str, Any], a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """Why the difference between runs `a` and `b` is within seed noise, or None when it is evidence."""
+    seeds = _seeds(verify)
+    spreads = [_spread(a), _spread(b)]
+    if len(seeds) < 2 or None in spreads:
+        return (
+            f"within seed noise: only one seed ({seeds[0]}) was run, so the seed-to-seed spread is unmeasured "
+            "and no difference counts as evidence (`--seeds 2` or more measures it)"
+        )
+    noise = max(s for s in spreads if s is not None)
+    if abs(a["metric"] - b["metric"]) <= noise:
+        return (
+            f"within seed noise: over {len(seeds)} seeds the difference of the means does not exceed the "
+            f"larger seed spread of the two runs, {format_number(noise)} (largest minus smallest metric)"
+        )
+    return None
+
+
+def compare_runs(verify: Mapping[str, Any] | None) -> list[str]:
+    """The sentences comparing the verification's runs (the module docstring's rule): the advice against plain
+    LoRA, then every other run that beat the advice. Empty without verification."""
     if not verify:
-        return None
+        return []
+    rec = {"verify": verify}
     metric = verify.get("metric", "metric")
+    higher = bool(verify.get("higher_is_better", True))
     advised, plain = _advised_and_plain(rec)
     if advised is None or plain is None:
-        return "There is no plain-LoRA run to compare the advised configuration with."
+        return ["There is no plain-LoRA run to compare the advised configuration with."]
     a, b = advised.get("metric"), plain.get("metric")
     if not (is_number(a) and is_number(b)):
-        return f"The advised run or the plain-LoRA run has no {metric}, so they cannot be compared."
-    higher = verify.get("higher_is_better", True)
+        return [
+            f"The advised run or the plain-LoRA run has no {metric}, so they cannot be compared."
+        ]
     diff = a - b
-    verdict = "the same" if diff == 0 else ("better" if (diff > 0) == bool(higher) else "worse")
-    return (
+    noise = _noise(verify, advised, plain)
+    if diff == 0:
+        verdict = "so the advice did the same as plain LoRA."
+    elif noise is not None:
+        verdict = noise + "."
+    else:
+        spread = max(s for s in (_spread(advised), _spread(plain)) if s is not None)
+        verdict = (
+            f"so the advice did {'better' if (diff > 0) == higher else 'worse'} than plain LoRA: over "
+            f"{len(_seeds(verify))} seeds the difference of the means exceeds the larger seed spread of the two "
+            f"runs, {format_number(spread)}."
+        )
+    sentences = [
         f"The advised configuration (`{advised.get('name')}`) reached {metric} {format_number(a, 4)} against "
         f"{format_number(b, 4)} for plain LoRA (`{plain.get('name')}`): a difference of {diff:+.3g} "
-        f"({'higher' if higher else 'lower'} is better), so the advice did {verdict}"
-        + (" than plain LoRA." if verdict != "the same" else " as plain LoRA.")
+        f"({'higher' if higher else 'lower'} is better), {verdict}"
+    ]
+    for run in verify.get("runs") or []:
+        m = run.get("metric")
+        if run is advised or run is plain or not is_number(m) or m == a or (m > a) != higher:
+            continue
+        noise = _noise(verify, run, advised)
+        if noise is None:
+            spread = max(s for s in (_spread(run), _spread(advised)) if s is not None)
+            noise = f"beyond the larger seed spread of the two, {format_number(spread)}: prefer it"
+        sentences.append(
+            f"`{run.get('name')}` beat the advice: {metric} {format_number(m, 4)} against "
+            f"{format_number(a, 4)} ({m - a:+.3g}), {noise}."
+        )
+    return sentences
+
+
+def _comparison(rec: Mapping[str, Any]) -> str | None:
+    """The comparison sentences as one paragraph; None without verification."""
+    sentences = compare_runs(rec.get("verify"))
+    return " ".join(sentences) if sentences else None
+
+
+def memory_check(rec: Mapping[str, Any]) -> str | None:
+    """The verification's memory check in words, naming what it counts and how it differs from the base-format
+    estimates of the Memory section (which set of figures is which); None without a measured check."""
+    memory = (rec.get("verify") or {}).get("memory")
+    if not (memory and is_number(memory.get("measured")) and memory["measured"] > 0):
+        return None
+    estimated = memory.get("estimated")
+    text = (
+        f"The memory model, checked on the way: one training step of the advised model as the verification "
+        f"trains it (batch {memory.get('batch_size')} × {memory.get('seq_len')} tokens, fp32 base, "
+        f"{memory.get('device')}; weights, adapters, gradients, optimizer states and activations) measured "
+        f"{format_bytes(memory['measured'])}; the memory model's estimate for that same step is "
+        f"{format_bytes(estimated)}"
     )
+    if is_number(estimated):
+        text += f", {estimated / memory['measured']:.3f} times the measurement"
+    table = rec.get("memory") or {}
+    chosen = table.get("chosen")
+    option = (table.get("options") or {}).get(chosen) or {}
+    if not option.get("total"):
+        return text + "."
+    method = (rec.get("config") or {}).get("method")
+    optimizer = ((rec.get("choices") or {}).get("optimizer") or {}).get("value")
+    differences = []
+    if table.get("device") and table["device"] != memory.get("device"):
+        differences.append(
+            f"the device ({table['device']} there, {memory.get('device')} here: the activations depend on the "
+            "attention kernel each device runs)"
+        )
+    there = (table.get("batch_size"), table.get("seq_len"))
+    if there != (memory.get("batch_size"), memory.get("seq_len")):
+        shape = "no batch" if None in there else f"{there[0]} × {there[1]} tokens"
+        differences.append(f"the batch ({shape} there)")
+    if chosen != "fp32":
+        differences.append(f"the base format ({chosen} there, fp32 here)")
+    if method and method != "lora":
+        differences.append(f"the method (LoRA there, {method} here)")
+    if optimizer and optimizer != "adamw":
+        differences.append(f"the optimizer (AdamW's states there, {optimizer} here)")
+    parts = memory.get("estimated_parts") or {}
+    activations = ""
+    if is_number(parts.get("activations")) and is_number(option.get("activations")):
+        activations = (
+            f" (activations {format_bytes(parts['activations'])} here, "
+            f"{format_bytes(option['activations'])} there)"
+        )
+    if differences:
+        text += (
+            f". It is a different figure from the Memory section's estimate for the chosen base, "
+            f"{format_bytes(option['total'])} at {chosen}: that one is for the training setup the advice was "
+            f"given, and differs from this step in {', '.join(differences)}{activations}."
+        )
+    else:
+        text += (
+            f". The Memory section's estimate at {chosen}, {format_bytes(option['total'])}, is for the same "
+            f"setup{activations}."
+        )
+    return text
 
 
 def _verify(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
@@ -359,10 +506,16 @@ def _verify(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
         return []
     metric = verify.get("metric", "metric")
     best = best_runs(verify)
+    seeds = _seeds(verify)
+    at = (
+        f"seed {seeds[0]}; one seed, so no difference below is evidence"
+        if len(seeds) < 2
+        else f"seeds {', '.join(map(str, seeds))}; each {metric} is the mean over the seeds and the seconds "
+        "their sum"
+    )
     text = (
-        f"Each configuration trained for {verify.get('steps', DASH)} steps (seed {verify.get('seed', DASH)}) "
-        f"and was scored by {metric} ({'higher' if verify.get('higher_is_better', True) else 'lower'} is "
-        "better); the best run is marked."
+        f"Each configuration trained for {verify.get('steps', DASH)} steps ({at}) and was scored by {metric} "
+        f"({'higher' if verify.get('higher_is_better', True) else 'lower'} is better); the best run is marked."
     )
     rows = []
     for i, run in enumerate(verify.get("runs") or []):
@@ -378,16 +531,9 @@ def _verify(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
     head = ["run", "configuration", metric, "train loss", "seconds", "trainable params"]
     blocks: list[Block] = [("h2", "Verification"), ("p", text), ("table", head, rows)]
     blocks.append(("p", _comparison(rec)))
-    memory = verify.get("memory")
-    if memory and is_number(memory.get("measured")) and memory["measured"] > 0:
-        blocks.append((
-            "p",
-            f"The memory model, checked on the way: one training step of the advised model (batch "
-            f"{memory.get('batch_size')} × {memory.get('seq_len')} tokens, fp32, {memory.get('device')}) "
-            f"measured {format_bytes(memory['measured'])} (weights included); the estimate for the same "
-            f"configuration is {format_bytes(memory.get('estimated'))}, "
-            f"{memory.get('estimated') / memory['measured']:.3f} times the measurement.",
-        ))  # fmt: skip
+    check = memory_check(rec)
+    if check is not None:
+        blocks.append(("p", check))
     return blocks + (
         [("image", "verify.png", CAPTIONS["verify.png"])] if "verify.png" in available else []
     )

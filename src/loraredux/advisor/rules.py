@@ -1,10 +1,10 @@
-"""What the advisor decides (issue 8): pure rules from measurements to choices, each with the measured reason.
+"""What the advisor decides: pure rules from measurements to choices, each with the measured reason.
 
 Every rule takes what `measure.py` / `model.py` / `memory.py` measured and returns a `Choice`: the value and a
 sentence that gives the numbers it rests on and, where one exists, the benchmark that backs it (BENCHMARKS.md).
 The thresholds are module constants, so a reader sees each in one place:
 
-Per layer (TAXONOMY §6.2, §6.3; with a newly drawn head trained in full, the gradient passes through that random
+Per layer (rank and init; with a newly drawn head trained in full, the gradient passes through that random
 head, so the init is kaiming whatever the gradient shows):
     rank   the Gavish-Donoho rank of the mean calibration gradient at its measured noise (the number of singular
            values that stand above the optimal hard threshold τ), clipped to [min_rank, max_rank]; without
@@ -22,8 +22,11 @@ head, so the init is kaiming whatever the gradient shows):
            is never picked: it stopped at 0.31 in every teacher-student case (BENCHMARKS.md, "a base-moving init
            spends rank").
 
-Global (TAXONOMY §6.4-§6.6):
-    rank, alpha   the most common layer rank (the others go to a rank pattern); rsLoRA's scale s = alpha / √r with
+Global (the config and the training setup):
+    rank, alpha   the config's r is the most common layer rank (the larger on a tie), so the rank pattern lists the
+                  fewest layers; it is a bookkeeping choice, not a typical layer's rank, so when it is not the rank
+                  of most layers its reason says so and gives how many layers hold it, the range and the median
+                  of the layer ranks (`formatting.rank_summary`). rsLoRA's scale s = alpha / √r with
                   alpha = 2√8, so a layer of any rank r gets s = 2√(8 / r): the tuned default's s = 2 at r = 8
                   (r = 8, alpha = 16), and under Adam the same size of step at every rank (each entry of B moves
                   about lr a step, and s B A sums r of them: s√r is what must stay fixed). With s = alpha / r fixed
@@ -40,7 +43,9 @@ Global (TAXONOMY §6.4-§6.6):
                   of LoRA would not fit `storage_bytes`; DoRA when the layers need rank <= DORA_MAX_RANK (its
                   magnitude vector adds a per-output degree of freedom outside the rank budget) and it fits; else
                   LoRA (on `classify`, DoRA was within 0.3 points of LoRA at r = 8 for 6% more parameters).
-    base          the widest format among bf16, int8, nf4 whose estimated total fits the memory budget.
+    base          the widest format among bf16, int8, nf4 whose estimated total fits the memory budget; the reason
+                  names what the estimate counts (base, adapters, gradients, optimizer states, and activations at
+                  the training batch shape and device), since `--verify` checks another step on another device.
     serving       merge for one adapter (no inference cost); unmerged multi-adapter serving for several.
 """
 
@@ -53,6 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .formatting import format_bytes as _bytes
+from .formatting import rank_summary
 from .measure import LayerMeasurement
 
 __all__ = [
@@ -249,20 +255,28 @@ def choose_alpha(rank: int, rslora: bool) -> Choice:
 
 
 def choose_rank(ranks: Mapping[str, int]) -> Choice:
-    """The config's rank: the most common layer rank (the larger on a tie); the others become a rank pattern."""
+    """The config's rank: the most common layer rank (the larger on a tie), so the rank pattern lists the fewest
+    layers. Its reason says how many layers hold it and, when that is not most of them, that it is not a typical
+    layer's rank, with the layer ranks' range and median (`formatting.rank_summary`)."""
     if not ranks:
         raise ValueError("no layer ranks to choose from")
     counts = Counter(ranks.values())
     top = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
     others = len(ranks) - counts[top]
-    values = sorted(ranks.values())
-    spread = f"layer ranks {values[0]}-{values[-1]}, median {values[len(values) // 2]}"
+    summary = rank_summary(list(ranks.values()), top)
     if not others:
         return Choice(top, f"rank {top}: every one of the {len(ranks)} layers needs it")
+    pattern = (
+        "the other layer gets its own rank in the rank pattern"
+        if others == 1
+        else f"the {others} others get their own rank in the rank pattern"
+    )
+    if counts[top] * 2 > len(ranks):
+        return Choice(top, f"rank {top}, the rank of most layers ({summary}); {pattern}")
     return Choice(
         top,
-        f"rank {top}: the most common of the {len(ranks)} layers' ranks ({counts[top]} layers; {spread}); "
-        f"the {others} others get their own in the rank pattern",
+        f"rank {top} is only the config's r ({summary}): the most common layer rank, chosen so that the rank "
+        f"pattern lists the fewest layers, not the rank most layers get; {pattern}",
     )
 
 
@@ -380,7 +394,7 @@ def choose_method(
                 "mora",
                 f"mora: {len(over)} of {len(measured)} layers need more than the rank cap {max_rank} (Gavish-"
                 f"Donoho ranks up to {max(measured.values())}); rank augmentation reaches a higher-rank update "
-                "at the same parameter count (TAXONOMY §6.2; not benchmarked here)",
+                "at the same parameter count (MoRA, arXiv 2405.12130; not benchmarked here)",
             )
         low = [p for p in measured if ranks[p] <= DORA_MAX_RANK]
         if len(low) * 2 > len(measured) and dora_fits:
@@ -398,16 +412,23 @@ def choose_method(
 
 
 def choose_base(
-    totals: Mapping[str, int], budget_bytes: int | None, *, current: str = "bf16"
+    totals: Mapping[str, int],
+    budget_bytes: int | None,
+    *,
+    current: str = "bf16",
+    counts: str | None = None,
 ) -> Choice:
-    """The widest base format whose estimated total (`totals`: {format: bytes}, widest first) fits the budget."""
+    """The widest base format whose estimated total (`totals`: {format: bytes}, widest first) fits the budget;
+    `counts` says what each estimate counts (added to the reason, so it is not taken for another figure)."""
     if not totals:
         raise ValueError("no memory estimates to choose a base format from")
+    what = f"; each estimate counts {counts}" if counts else ""
     if budget_bytes is None:
         value = current if current in totals else next(iter(totals))
         return Choice(
             value,
-            f"{value}: no memory budget given; the estimate at {value} is {_bytes(totals[value])}",
+            f"{value}: no memory budget given; the training estimate at {value} is "
+            f"{_bytes(totals[value])}{what}",
         )
     for fmt, total in totals.items():
         if total <= budget_bytes:
@@ -415,14 +436,14 @@ def choose_base(
             extra = f" ({', '.join(wider)} would not fit)" if wider else ""
             return Choice(
                 fmt,
-                f"{fmt}: the widest format whose estimate, {_bytes(total)}, fits the {_bytes(budget_bytes)} "
-                f"budget{extra}",
+                f"{fmt}: the widest format whose training estimate, {_bytes(total)}, fits the "
+                f"{_bytes(budget_bytes)} budget{extra}{what}",
             )
     fmt, total = min(totals.items(), key=lambda kv: kv[1])
     return Choice(
         fmt,
         f"{fmt}: nothing fits the {_bytes(budget_bytes)} budget; {fmt} is the smallest at {_bytes(total)}: "
-        "lower the batch size or the sequence length (activations grow with both)",
+        f"lower the batch size or the sequence length (activations grow with both){what}",
     )
 
 

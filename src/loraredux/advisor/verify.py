@@ -1,5 +1,5 @@
 """`loraredux advise --verify`: train the recommended configuration against plain LoRA and one or two alternatives on
-the user's task, with the same data, seed, steps and learning rate, and report the comparison.
+the user's task, with the same data, seeds, steps and learning rate, and report the comparison.
 
 The runs (each one a fresh model from `tasks.build_task`, adapted by `tasks.adapt_for_task`, trained by
 `train.fit`, exactly as `loraredux train` does):
@@ -12,15 +12,26 @@ The runs (each one a fresh model from `tasks.build_task`, adapted by `tasks.adap
 A run identical to an earlier one is not trained twice. With a grid of learning rates (`lr=[...]`, `--lr 2e-3,4e-3`)
 each configuration trains at each rate and is compared at its best, as the benchmark suites compare methods.
 
+Seeds: with `seeds=N` (`--seeds N`) every configuration trains at seeds `seed`, ..., `seed + N - 1` (N times the
+cost); its metric is the mean over the seeds, and its seed spread (the largest minus the smallest) is kept. The report
+(`report.compare_runs`) calls a difference evidence only when at least 2 seeds were run and it exceeds the larger seed
+spread of the two runs compared; otherwise, and always with one seed (the default, today's cost), it says the
+difference is within seed noise.
+
 The memory model is checked on the way: before the advised run trains, one training step (forward, loss, backward,
 optimizer step) of a copy of its model is measured (`memory.measure_peak_bytes`, on the CPU or the GPU the model is
 on) and set against `memory.estimate_memory` for the same configuration, batch shape and device, in fp32 (the
-packaged models load in fp32). Both go to `verify["memory"]`.
+packaged models load in fp32). Both go to `verify["memory"]`. This is another figure than the base-format estimates
+of the recommendation (`Recommendation.memory`), which are for the training device and batch shape `advise` was given,
+at each base format: the report names what each counts.
+
+Each run is logged at INFO (`logging`, logger `loraredux.advisor.verify`).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -33,6 +44,8 @@ from . import rules
 from .recommendation import Recommendation
 
 __all__ = ["verify"]
+
+logger = logging.getLogger(__name__)
 
 
 def _runs(rec: Recommendation) -> list[dict[str, Any]]:
@@ -123,6 +136,7 @@ def _memory_check(
         "batch_size": int(batch_size),
         "seq_len": int(seq_len),
         "estimated": estimate.total_bytes,
+        "estimated_parts": estimate.breakdown(),
         "measured": measured,
         "ratio": estimate.total_bytes / measured,
     }
@@ -154,7 +168,9 @@ def _train(
     memory = None
     if check_memory:
         memory = _memory_check(rec, net, task, task.batches(0), run["optimizer"], rate, task.kind)
-    print(f"verify: training {run['name']} at lr {rate:g} ({n_steps} steps)", flush=True)
+    logger.info(
+        "verify: training %s at lr %g, seed %d (%d steps)", run["name"], rate, seed, n_steps
+    )
     result = fit(
         net,
         task.batches,
@@ -190,6 +206,7 @@ def verify(
     max_length: int | None = None,
     calibration_batches: int = 8,
     seed: int = 0,
+    seeds: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the runs of the module docstring on a packaged task (or a local folder) and return the comparison,
@@ -199,9 +216,15 @@ def verify(
         lr: the peak learning rate of every run (default: the task's, 4e-3 classification, 5e-4 LM), or a grid
             of them: each configuration then trains at each, and its best is what is compared (every point is in
             the run's `"sweep"`).
+        seed: the first seed.
+        seeds: how many seeds each configuration trains at (`seed`, `seed + 1`, ...): its metric is their mean,
+            and `"per_seed"` and `"spread"` (largest minus smallest) say how far they scatter. With 1 (the
+            default) no difference counts as evidence (module docstring).
+        progress: the training progress bars (shown only in a terminal).
 
     Raises:
-        ValueError: what `tasks.build_task` refuses (an unknown model or data set), an empty or non-positive lr grid.
+        ValueError: what `tasks.build_task` refuses (an unknown model or data set), an empty or non-positive lr grid,
+            seeds below 1.
     """
     rates: list[float | None] = (
         [None]
@@ -210,23 +233,44 @@ def verify(
     )
     if not rates or any(r is not None and not r > 0 for r in rates):
         raise ValueError(f"lr must be a number > 0 or a non-empty list of them, got {lr!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     build = {"model": model, "data": data, "train_examples": train_examples,
              "eval_examples": eval_examples, "batch_size": batch_size, "max_length": max_length}  # fmt: skip
+    seed_list = list(range(seed, seed + seeds))
+    runs = _runs(rec)
     results, memory, task, out = [], None, None, {}
-    for run in _runs(rec):
+    for i, run in enumerate(runs, 1):
+        logger.info(
+            "verifying %d/%d: %s at %d learning rate(s) x %d seed(s)", i, len(runs), run["name"],
+            len(rates), len(seed_list),
+        )  # fmt: skip
         sweep = []
         for rate in rates:
-            check = run["name"] == "advised" and memory is None
-            out, task, measured = _train(
-                run, rec, build, steps, rate, calibration_batches, seed, progress, check
-            )
-            memory = measured or memory
-            sweep.append(out)
+            per_seed = []
+            for s in seed_list:
+                check = run["name"] == "advised" and memory is None
+                out, task, measured = _train(
+                    run, rec, build, steps, rate, calibration_batches, s, progress, check
+                )
+                memory = measured or memory
+                per_seed.append(out)
+            metrics = [o["metric"] for o in per_seed]
+            sweep.append({
+                **per_seed[0],
+                "metric": statistics.fmean(metrics),
+                "train_loss": statistics.fmean(o["train_loss"] for o in per_seed),
+                "seconds": round(sum(o["seconds"] for o in per_seed), 1),
+                "per_seed": {str(s): m for s, m in zip(seed_list, metrics, strict=True)},
+            })  # fmt: skip
         pick = (max if task.higher_is_better else min)(sweep, key=lambda o: o["metric"])
         entry = {
             **run,
             **{k: pick[k] for k in ("lr", "metric", "train_loss", "seconds", "trainable")},
         }
+        if len(seed_list) > 1:
+            entry["per_seed"] = pick["per_seed"]
+            entry["spread"] = max(pick["per_seed"].values()) - min(pick["per_seed"].values())
         if len(sweep) > 1:
             entry["sweep"] = {format(o["lr"], "g"): o["metric"] for o in sweep}
         results.append(entry)
@@ -237,6 +281,7 @@ def verify(
         "data": out["data"],
         "steps": out["steps"],
         "seed": seed,
+        "seeds": seed_list,
         "lrs": [o for o in (format(r, "g") for r in rates if r is not None)] or None,
         "runs": results,
         "memory": memory,

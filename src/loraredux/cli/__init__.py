@@ -23,11 +23,11 @@ __all__ = ["UsageError", "build_parser", "main"]
 EPILOG = """examples:
   loraredux advise --out runs/advise               # measure MiniLM on Rotten Tomatoes, recommend a configuration
   loraredux advise --model smollm2 --budget 24GiB --verify --out runs/advise-lm
-  loraredux train --out runs/demo                  # MiniLM on Rotten Tomatoes, LoRA r=8, a few minutes
+  loraredux train --out runs/lora                  # MiniLM on Rotten Tomatoes, LoRA r=8, a few minutes
   loraredux train --model smollm2 --data kjv --steps 40 --out runs/kjv
   loraredux train --method dora --rank 4 --out runs/dora
-  loraredux inspect runs/demo
-  loraredux merge runs/demo --out runs/demo-merged
+  loraredux inspect runs/lora
+  loraredux merge runs/lora --out runs/lora-merged
 """
 
 

@@ -1,10 +1,11 @@
 """`loraredux advise`: measure a model on its data and prescribe the adapter configuration, each choice with its
-measured reason (issue 8); `--out DIR` writes recommendation.json, report.md, report.html and plots, `--verify`
+measured reason; `--out DIR` writes recommendation.json, report.md, report.html and plots, `--verify`
 trains the recommendation against plain LoRA."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ def add_advise(sub: Any) -> None:
         "--calibration-batches",
         type=positive_int,
         default=16,
-        help="training batches the gradients are measured on (>= 2: their halves give the noise)",
+        help="training batches the gradients are measured on; at least 2: the gradient noise, which decides "
+        "the ranks, is the difference between the mean gradients of two halves of them",
     )
     p.add_argument(
         "--budget",
@@ -102,6 +104,14 @@ def add_advise(sub: Any) -> None:
         help="--verify: optimizer steps (default one epoch)",
     )
     p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=1,
+        help="--verify: train each configuration at this many seeds (--seed, --seed + 1, ...; N times the cost) "
+        "and compare their means; a difference counts as evidence only over at least 2 seeds and beyond the "
+        "runs' seed spread, so with 1 every difference is reported as within seed noise",
+    )
+    p.add_argument(
         "--lr",
         type=_learning_rates,
         default=None,
@@ -127,9 +137,18 @@ def _learning_rates(text: str) -> list[float]:
 def _print(rec: Any) -> None:
     from collections import Counter
 
+    from loraredux.advisor.formatting import rank_summary
+    from loraredux.advisor.report import compare_runs, memory_check
+
+    def plain(text: str) -> str:  # the report's Markdown marks, for a terminal
+        return text.replace("**", "").replace("`", "")
+
     print("\nrecommendation:")
     for name, choice in rec.choices.items():
-        value = f"{choice.value:.4g}" if isinstance(choice.value, float) else choice.value
+        value = f"{choice.value:.4g}" if isinstance(choice.value, float) else str(choice.value)
+        if name == "rank" and rec.rank_pattern:
+            ranks = [a.rank for a in rec.layers.values()]
+            value += f" (the config's r: {rank_summary(ranks, choice.value)})"
         print(f"  {name:<10} {value}")
         print(f"  {'':<10} {choice.reason}")
     ranks = Counter(a.rank for a in rec.layers.values())
@@ -142,25 +161,28 @@ def _print(rec: Any) -> None:
             if v.get("lrs") and len(v["lrs"]) > 1
             else ""
         )
-        print(f"\nverification ({v['metric']}, {v['steps']} steps, same data and seed{grid}):")
+        seeds = v.get("seeds") or [v.get("seed")]
+        at = (
+            f"seed {seeds[0]}"
+            if len(seeds) < 2
+            else f"mean over seeds {', '.join(map(str, seeds))}"
+        )
+        print(f"\nverification ({v['metric']}, {v['steps']} steps, same data, {at}{grid}):")
         for run in v["runs"]:
             print(
                 f"  {run['name']:<26} {v['metric']} {run['metric']:.4f}  lr {run['lr']:g}  train loss "
                 f"{run['train_loss']:.4f}  {run['trainable']:>10,} trainable  {run['seconds']:.0f} s"
             )
-        m = v.get("memory")
-        if m:
-            print(
-                f"  memory model: one training step of the advised model ({m['batch_size']} x {m['seq_len']} "
-                f"tokens, fp32, {m['device']}) measured {m['measured'] / 2**20:.1f} MiB, estimated "
-                f"{m['estimated'] / 2**20:.1f} MiB ({m['estimated'] / m['measured']:.3f} x)"
-            )
+        for sentence in compare_runs(v):
+            print(f"  {plain(sentence)}")
+        check = memory_check(rec.to_dict())
+        if check is not None:
+            print(f"  {plain(check)}")
 
 
 def _cmd_advise(args: argparse.Namespace) -> int:
-    import torch
-
-    from loraredux.advisor import advise, parse_bytes, verify
+    from loraredux.advisor import parse_bytes
+    from loraredux.advisor.model import MIN_CALIBRATION_BATCHES
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
@@ -171,6 +193,28 @@ def _cmd_advise(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name}: {err}") from None
     if args.max_rank < args.min_rank:
         raise UsageError(f"--max-rank {args.max_rank} is below --min-rank {args.min_rank}")
+    if args.calibration_batches < MIN_CALIBRATION_BATCHES:
+        raise UsageError(
+            f"--calibration-batches {args.calibration_batches}: at least {MIN_CALIBRATION_BATCHES} are needed, "
+            "since the gradient noise, which decides every layer's rank, is the difference between the mean "
+            "gradients of two halves of the batches"
+        )
+    # the verification's runs are logged at INFO; show them as the command runs (all phases with --verbose)
+    verify_log = logging.getLogger("loraredux.advisor.verify")
+    level = verify_log.level
+    if not verify_log.isEnabledFor(logging.INFO):
+        verify_log.setLevel(logging.INFO)
+    try:
+        return _advise(args)
+    finally:
+        verify_log.setLevel(level)
+
+
+def _advise(args: argparse.Namespace) -> int:
+    import torch
+
+    from loraredux.advisor import advise, verify
+
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     model, task, data = build_task(args)
@@ -208,7 +252,7 @@ def _cmd_advise(args: argparse.Namespace) -> int:
             rec, args.model, args.data, train_examples=args.train_examples,
             eval_examples=args.eval_examples, steps=args.steps,
             lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-            progress=not args.no_progress,
+            seeds=args.seeds, progress=not args.no_progress,
         )  # fmt: skip
     _print(rec)
     if args.out is not None:

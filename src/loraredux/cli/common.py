@@ -13,6 +13,7 @@ __all__ = [
     "add_task_arguments",
     "build_task",
     "field_value",
+    "fraction",
     "log",
     "positive_float",
     "positive_int",
@@ -58,17 +59,58 @@ def targets(text: str) -> str | list[str]:
     )
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
+    return value
+
+
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
-    """The options that pick a packaged task (model, data, batch shape, sample, seed), shared by `train` and
-    `advise`; `build_task(args)` reads them."""
+    """The options that pick a task (model, data and its columns, batch shape, sample, seed), shared by `train`
+    and `advise`; `build_task(args)` reads them."""
     p.add_argument(
-        "--model", default="minilm", help="packaged model (minilm, smollm2) or a local HF folder"
+        "--model",
+        default="minilm",
+        help="packaged model (minilm, smollm2) or a local HF folder (hub names are not downloaded)",
     )
     p.add_argument(
         "--data",
         default=None,
-        help="rotten_tomatoes (classification), kjv or chat (language modelling); default: rotten_tomatoes for "
-        "minilm, kjv for smollm2",
+        help="rotten_tomatoes (classification), kjv or chat (language modelling), or your own file: a CSV, "
+        "JSON Lines (.jsonl/.json), Parquet file or a folder saved by `datasets` (needs loraredux[data]); "
+        "its task follows its columns: a label -> classification, messages -> chat, a text alone -> "
+        "language modelling; default: rotten_tomatoes for minilm, kjv for smollm2",
+    )
+    p.add_argument(
+        "--text-column", default=None, metavar="NAME", help="a data file's text (default: text)"
+    )
+    p.add_argument(
+        "--label-column",
+        default=None,
+        metavar="NAME",
+        help="a data file's class, integer ids or names (default: label or labels); makes it classification",
+    )
+    p.add_argument(
+        "--messages-column",
+        default=None,
+        metavar="NAME",
+        help="a data file's conversations, lists of {role, content} rendered with the model's chat template "
+        "(default: messages); makes it chat language modelling",
+    )
+    p.add_argument(
+        "--eval-split",
+        default=None,
+        metavar="NAME",
+        help="the split of a saved DatasetDict to evaluate on (default: test, else validation)",
+    )
+    p.add_argument(
+        "--eval-fraction",
+        type=fraction,
+        default=None,
+        metavar="F",
+        help="hold out this fraction of a data file's rows for evaluation (seed 0); default for "
+        "classification without an eval split: 0.1; language modelling holds out blocks instead",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=None, help="default 32 (cls) / 8 (LM)"
@@ -101,7 +143,8 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(model, task, data name) from `add_task_arguments`' options; a bad model or data set is a usage error."""
+    """(model, task, data name or path) from `add_task_arguments`' options; a bad model, data set or data file is
+    a usage error."""
     from loraredux import tasks
 
     try:
@@ -114,6 +157,11 @@ def build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
             max_length=args.max_length,
             seed=args.seed,
             progress=not args.no_progress,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            messages_column=args.messages_column,
+            eval_split=args.eval_split,
+            eval_fraction=args.eval_fraction,
         )
     except ValueError as err:
         raise UsageError(f"--model/--data: {err}") from None
