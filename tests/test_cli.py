@@ -569,3 +569,19 @@ def test_overwrite_replaces_an_earlier_run(toy, tmp_path, capsys):
     assert main([*TOY, "--out", str(out), "--overwrite"]) == 0
     assert (out / "adapter_model.safetensors").read_bytes() != first
     assert json.loads((out / "metrics.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize(("flag", "shown"), [([], True), (["--no-progress"], False)])
+def test_bench_takes_no_progress(tmp_path, monkeypatch, capsys, flag, shown):
+    import loraredux.bench
+    from loraredux.bench.runner import RunSummary
+
+    seen = {}
+
+    def record(trials, store, execute, **kwargs):
+        seen.update(kwargs)
+        return RunSummary(0, 0, len(trials))
+
+    monkeypatch.setattr(loraredux.bench, "run_trials", record)
+    assert main(["bench", "sp", "--quick", "--out", str(tmp_path), *flag]) == 0
+    assert seen["progress"] is shown

@@ -32,6 +32,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--retry-failed", action="store_true", help="run again the trials whose run failed"
     )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it shows only where stderr is a terminal anyway)",
+    )
     p.set_defaults(run=_cmd_bench, on_interrupt=_interrupted)
 
 
@@ -81,7 +86,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     trials = expand(spec)
     store = Store(args.out / STORE_NAME)
     t0 = time.perf_counter()
-    summary = run_trials(trials, store, execute, retry_failed=args.retry_failed)
+    summary = run_trials(
+        trials, store, execute, retry_failed=args.retry_failed, progress=not args.no_progress
+    )
     print(
         f"{len(trials)} trials: {summary.finished} run now, {summary.failed} failed now, {summary.skipped} "
         f"already stored ({time.perf_counter() - t0:.0f} s)"
