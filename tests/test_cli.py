@@ -585,3 +585,20 @@ def test_bench_takes_no_progress(tmp_path, monkeypatch, capsys, flag, shown):
     monkeypatch.setattr(loraredux.bench, "run_trials", record)
     assert main(["bench", "sp", "--quick", "--out", str(tmp_path), *flag]) == 0
     assert seen["progress"] is shown
+
+
+@pytest.mark.parametrize("command", ["train", "advise", "bench", "inspect", "merge"])
+def test_help_states_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    options: list[str] = []  # each option's help, its wrapped lines joined
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            options.append(line)
+        elif options and line.startswith("   "):
+            options[-1] += " " + line.strip()
+    assert len(options) >= 3
+    for option in options:
+        assert not any(f"(default: {v})" in option for v in ("None", "False", "[]")), option
+        # argparse's "(default: X)" only where the help itself does not already say it
+        assert "(default:" not in option or option.lower().count("default") == 1, option

@@ -18,6 +18,7 @@ from .common import (
     positive_int,
     targets,
 )
+from .formatting import HelpFormatter
 
 __all__ = ["add_advise"]
 
@@ -31,7 +32,7 @@ def add_advise(sub: Any) -> None:
         "alignment with W0's principal and minor subspaces; the inputs' conditioning) and the memory of training "
         "at each base format, then recommend rank per layer, init, optimizer, method, base format and serving, "
         "each with the measured reason. Defaults: MiniLM on Rotten Tomatoes, its query and value layers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_task_arguments(p)
     p.add_argument(
