@@ -87,6 +87,12 @@ def test_bad_variants_are_refused_by_name(variants, message):
         ({"steps": 1.5}, "steps must be an integer >= 1"),
         ({"problems": [{"name": "x", "opts": {}}]}, "a name or a table with 'name' and 'options'"),
         ({"seeds": [True]}, "seeds must be integers"),
+        (
+            {"methods": ["lora", "lorra"]},
+            r"unknown method\(s\) \['lorra'\]; the methods are \['abba'",
+        ),
+        ({"optimizers": ["adamm"]}, r"unknown optimizer\(s\) \['adamm'\]"),
+        ({"inits": [None, "pisa"]}, r"unknown init\(s\) \['pisa'\]"),
     ],
 )
 def test_bad_specs_are_refused_by_name(change, message):

@@ -165,6 +165,22 @@ def expand(spec: dict[str, Any]) -> list[Trial]:
     return list(trials.values())
 
 
+def _registered(methods: list[str], inits: list[str], optimizers: list[str]) -> None:
+    """Refuse a name no registry knows (a typo would otherwise run as a failed trial and a broken table row)."""
+    from .. import init as inits_registry
+    from .. import optim
+    from ..core import available_methods
+
+    for kind, names, known in (
+        ("method", methods, available_methods()),
+        ("init", inits, inits_registry.available()),
+        ("optimizer", optimizers, optim.available()),
+    ):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"spec: unknown {kind}(s) {unknown}; the {kind}s are {sorted(known)}")
+
+
 def _grid(spec: dict[str, Any]) -> list[Trial]:
     """The product of one grid (a spec without variants)."""
     unknown = sorted(set(spec) - set(SPEC_KEYS))
@@ -190,6 +206,9 @@ def _grid(spec: dict[str, Any]) -> list[Trial]:
         or not all(i is None or isinstance(i, str) for i in inits)
     ):
         raise ValueError(f"spec: inits must be a non-empty list of names or null, got {inits!r}")
+    _registered(
+        [m for m, _ in methods], [i for i in inits if i is not None], [o for o, _ in optimizers]
+    )
     ranks = _numbers(spec["ranks"], "ranks", int, positive=True)
     lrs = _numbers(spec["lrs"], "lrs", float, positive=True)
     seeds = _numbers(spec.get("seeds", [0]), "seeds", int, positive=False)
