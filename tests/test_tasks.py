@@ -91,3 +91,20 @@ def test_tasks_refuse_too_little_data():
         )
     with pytest.raises(ValueError, match="classification needs examples"):
         classification_task(CharTokenizer(), [], [("a", 1)], progress=False)
+
+
+def test_language_modeling_with_eval_texts_holds_out_exactly_their_blocks():
+    tok = CharTokenizer()
+    task = language_modeling_task(
+        tok, ["abc"] * 6, eval_texts=["xyz"] * 3, batch_size=2, seq_len=4, eval_blocks=2,
+        progress=False,
+    )  # fmt: skip
+    # "abc" + end = one 4-token block per text: all six train; "xyz" gives three blocks, two are kept
+    assert task.train_size == 6
+    assert task.batches(0)["input_ids"].tolist() == [[1, 2, 3, 0]] * 2
+    model = tiny_llama()
+    block = torch.tensor([[24, 25, 26, 0]])
+    nll = F.cross_entropy(model(input_ids=block).logits[0, :-1], block[0, 1:]).item()
+    assert task.evaluate(model)["loss"] == pytest.approx(nll, rel=1e-6)
+    with pytest.raises(ValueError, match="the evaluation texts 0 blocks"):
+        language_modeling_task(tok, ["abc"] * 6, eval_texts=["x"], seq_len=4, progress=False)

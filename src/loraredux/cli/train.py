@@ -546,6 +546,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "final_train_loss": result.losses[-1] if result.losses else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if task.info:  # a data file: its path, columns, sizes and label mapping
+        metrics["data_info"] = task.info
     write_json_atomic(args.out / "metrics.json", metrics)
     print(f"adapter and metrics written to {args.out}/")
     return 0

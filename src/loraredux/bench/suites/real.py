@@ -34,8 +34,18 @@ from ..trial import Trial, problem_options
 
 __all__ = ["CLASSIFY_DEFAULTS", "LM_DEFAULTS", "kjv", "rotten_tomatoes"]
 
+# A problem's own data file (`data`: a path, read as `loraredux train --data PATH` reads it) and its columns.
+_DATA_FILE_OPTIONS: dict[str, Any] = {
+    "text_column": None,
+    "label_column": None,
+    "messages_column": None,
+    "eval_split": None,
+    "eval_fraction": None,
+}
 CLASSIFY_DEFAULTS: dict[str, Any] = {
     "model": "minilm",
+    "data": "rotten_tomatoes",  # or the path of a classification file
+    **_DATA_FILE_OPTIONS,
     "train_examples": 2000,
     "eval_examples": 500,
     "batch_size": 32,
@@ -48,6 +58,8 @@ CLASSIFY_DEFAULTS: dict[str, Any] = {
 }
 LM_DEFAULTS: dict[str, Any] = {
     "model": "smollm2",
+    "data": "kjv",  # or the path of a text or chat file
+    **_DATA_FILE_OPTIONS,
     "max_tokens": 100_000,
     "eval_examples": 16,  # held-out blocks
     "batch_size": 4,
@@ -76,7 +88,7 @@ def _options(trial: Trial, defaults: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
-def _finetune(trial: Trial, o: dict[str, Any], data: str, **build: Any) -> Outcome:
+def _finetune(trial: Trial, o: dict[str, Any], kind: str, **build: Any) -> Outcome:
     fields = {"rank": trial.rank, **trial.method_options}
     if trial.init is not None:
         fields["init"] = trial.init
@@ -84,14 +96,19 @@ def _finetune(trial: Trial, o: dict[str, Any], data: str, **build: Any) -> Outco
     torch.manual_seed(trial.seed)  # the new classification head
     model, task, _ = build_task(
         o["model"],
-        data,
+        o["data"],
         eval_examples=o["eval_examples"],
         batch_size=o["batch_size"],
         max_length=o["max_length"],
         seed=trial.seed,
         progress=False,
+        **{k: o[k] for k in _DATA_FILE_OPTIONS},
         **build,
     )
+    if task.kind != kind:
+        raise ValueError(
+            f"{trial.problem}: data {o['data']!r} is a {task.kind} task; this suite trains {kind}"
+        )
     adapt_for_task(
         model,
         config,
@@ -148,25 +165,26 @@ def _adapter_bytes(model: torch.nn.Module) -> float:
 
 
 def rotten_tomatoes(trial: Trial) -> Outcome:
-    """Fine-tune MiniLM (or the classifier folder in `model`) on `train_examples` Rotten Tomatoes snippets and
-    measure the accuracy on `eval_examples` test snippets (see the module docstring).
+    """Fine-tune MiniLM (or the classifier folder in `model`) on `train_examples` Rotten Tomatoes snippets (or
+    rows of the classification file in `data`, with its column options) and measure the accuracy on
+    `eval_examples` test snippets (see the module docstring).
 
     Raises:
         ValueError: an unknown or bad problem option, or a bad method field.
         FloatingPointError: the loss became non-finite.
     """
     o = _options(trial, CLASSIFY_DEFAULTS)
-    return _finetune(trial, o, "rotten_tomatoes", train_examples=o["train_examples"])
+    return _finetune(trial, o, "classification", train_examples=o["train_examples"])
 
 
 def kjv(trial: Trial) -> Outcome:
     """Fine-tune SmolLM2-135M (or the causal-LM folder in `model`) on blocks of `max_length` tokens from the first
-    `max_tokens` tokens of the King James Bible and measure the perplexity of `eval_examples` held-out blocks (see
-    the module docstring).
+    `max_tokens` tokens of the King James Bible (or of the text or chat file in `data`, with its column options)
+    and measure the perplexity of `eval_examples` held-out blocks (see the module docstring).
 
     Raises:
         ValueError: an unknown or bad problem option, or a bad method field.
         FloatingPointError: the loss became non-finite.
     """
     o = _options(trial, LM_DEFAULTS)
-    return _finetune(trial, o, "kjv", max_tokens=o["max_tokens"])
+    return _finetune(trial, o, "causal-lm", max_tokens=o["max_tokens"])
