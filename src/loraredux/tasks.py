@@ -287,9 +287,11 @@ def build_task(
     """
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     if not progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    # transformers' load report lists the newly drawn head's weights as MISSING: expected here, noise in a log
+    hf_logging.set_verbosity_error()
     columns = {"text_column": text_column, "label_column": label_column,
                "messages_column": messages_column, "eval_split": eval_split,
                "eval_fraction": eval_fraction}  # fmt: skip
@@ -297,6 +299,7 @@ def build_task(
         return _build_task(model, data, train_examples, eval_examples, batch_size, max_length,
                            max_tokens, seed, progress, columns)  # fmt: skip
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
 
@@ -491,4 +494,6 @@ def _progress(iterable: Any, desc: str, enabled: bool) -> Any:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, leave=False)
+    return tqdm(
+        iterable, desc=desc, leave=False, disable=None
+    )  # None: only where stderr is a terminal
