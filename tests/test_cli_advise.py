@@ -58,6 +58,17 @@ def test_verification_trains_the_advice_against_plain_lora(advised):
     memory = rec["verify"]["memory"]
     assert memory["device"] == "cpu" and memory["batch_size"] == 8
     assert 0.85 <= memory["estimated"] / memory["measured"] <= 1.15
+    # one seed: the report claims no difference as evidence, and names what each memory figure counts
+    report = (advised / "report.md").read_text()
+    assert (
+        rec["verify"]["seeds"] == [0] and "within seed noise: only one seed (0) was run" in report
+    )
+    assert "did better" not in report and "did worse" not in report
+    assert "as the verification trains it (batch 8 × 32 tokens, fp32 base, cpu;" in report
+    assert "differs from this step in the device (cuda there, cpu here" in report
+    assert (
+        "each estimate counts the base weights at that format" in rec["choices"]["base"]["reason"]
+    )
 
 
 @pytest.mark.slow
@@ -83,6 +94,10 @@ def test_train_applies_the_recommendation_file(advised, tmp_path):
             "--budget: cannot read '24 parsecs' as a memory size",
         ),
         (["advise", "--min-rank", "8", "--max-rank", "4"], "--max-rank 4 is below --min-rank 8"),
+        (
+            ["advise", "--calibration-batches", "1"],
+            "--calibration-batches 1: at least 2 are needed, since the gradient noise",
+        ),
         (["train", "--recommendation", "/nonexistent/dir"], "is not a file"),
     ],
 )
@@ -115,11 +130,17 @@ def test_verify_over_a_learning_rate_grid_compares_each_at_its_best(tmp_path, ca
     rec = lx.advise(model, [task.batches(i) for i in range(4)], task.loss_fn,
                     targets=["query"], modules_to_save=task.modules_to_save)  # fmt: skip
     out = verify(rec, "minilm", train_examples=32, eval_examples=16, steps=1, lr=[1e-30, 1e-3],
-                 batch_size=8, max_length=16, progress=False)  # fmt: skip
-    assert out["lrs"] == ["1e-30", "0.001"]
+                 batch_size=8, max_length=16, seed=3, seeds=2, progress=False)  # fmt: skip
+    assert out["lrs"] == ["1e-30", "0.001"] and out["seeds"] == [3, 4]
     for run in out["runs"]:
         assert set(run["sweep"]) == {"1e-30", "0.001"}
         assert run["metric"] == max(run["sweep"].values())  # accuracy: higher is better
         assert run["sweep"][format(run["lr"], "g")] == run["metric"]
+        # each point is the mean over the two seeds, whose scatter is kept
+        assert set(run["per_seed"]) == {"3", "4"}
+        assert run["metric"] == pytest.approx(sum(run["per_seed"].values()) / 2)
+        assert run["spread"] == max(run["per_seed"].values()) - min(run["per_seed"].values())
     with pytest.raises(ValueError, match="lr must be a number > 0"):
         verify(rec, "minilm", lr=[])
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+        verify(rec, "minilm", seeds=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -288,7 +289,7 @@ def build_task(
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    if not progress:
+    if not progress or not sys.stderr.isatty():  # as tqdm's disable=None: no bars in a log
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
     # transformers' load report lists the newly drawn head's weights as MISSING: expected here, noise in a log
     hf_logging.set_verbosity_error()

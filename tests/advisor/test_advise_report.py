@@ -294,7 +294,10 @@ def test_markdown_layer_table_and_reasons_listed_once():
     assert text.count(SHARED) == 1 and text.count(LESS) == 1
     assert f"- `{L0Q}`, `{L1Q}`: {SHARED}\n" in text
     assert f"- `{L0V}`: {LESS}\n" in text
-    assert "ranks 4 to 8 (1 layer off the default rank 8)" in text
+    assert (
+        "ranks 4 to 8 (1 layer off the config's r = 8: 2 of 3 layers; layer ranks 4-8, median 8)"
+        in text
+    )
     assert "the gradient was measured on 2 of them" in text
 
 
@@ -325,13 +328,116 @@ def test_verification_marks_the_best_run_and_computes_the_difference_with_plain_
     assert text.count("(best)") == 1
     diff = 0.8125 - 0.7875
     assert f"a difference of {diff:+.3g} (higher is better)" in text
-    assert "+0.025 (higher is better), so the advice did better than plain LoRA." in text
-    # with a lower-is-better metric the same numbers make the advice worse, and the best run the lowest
+    # one seed: no difference is evidence, whichever way it goes
+    assert "(seed 0; one seed, so no difference below is evidence)" in text
+    assert (
+        "+0.025 (higher is better), within seed noise: only one seed (0) was run, so the seed-to-seed spread "
+        "is unmeasured and no difference counts as evidence (`--seeds 2` or more measures it)."
+    ) in text
+    assert "did better" not in text
+    # ... and an alternative that beat the advice is named
+    assert (
+        "`lora_r16` beat the advice: accuracy 0.815 against 0.8125 (+0.0025), within seed noise"
+        in text
+    )
+    # with a lower-is-better metric the same numbers put the advice behind, and the best run is the lowest
     rec["verify"]["higher_is_better"] = False
     rec["verify"]["metric"] = "perplexity"
     text = render_markdown(rec)
-    assert "+0.025 (lower is better), so the advice did worse than plain LoRA." in text
+    assert "+0.025 (lower is better), within seed noise: only one seed" in text
+    assert "`lora` beat the advice" not in text  # plain LoRA is the sentence before
+    assert "lora_r16` beat" not in text
     assert table_row(text, "**lora**")[0] == "**lora** (best)" and text.count("(best)") == 1
+
+
+def seeded(rec, metrics):
+    """The verification of `rec` over seeds 0, 1: {run name: (seed 0 metric, seed 1 metric)}."""
+    rec["verify"]["seeds"] = [0, 1]
+    for run in rec["verify"]["runs"]:
+        values = metrics[run["name"]]
+        run["per_seed"] = {"0": values[0], "1": values[1]}
+        run["metric"] = sum(values) / 2
+    return rec
+
+
+def test_over_two_seeds_only_a_difference_beyond_the_spread_is_evidence():
+    # plain LoRA 0.02 behind, spreads 0.01 and 0.004: evidence; lora_r16 0.004 ahead, spread 0.012: noise
+    rec = seeded(recommendation(), {"advised": (0.81, 0.82), "lora": (0.79, 0.794),
+                                    "lora_r16": (0.813, 0.825)})  # fmt: skip
+    text = render_markdown(rec)
+    assert (
+        "(seeds 0, 1; each accuracy is the mean over the seeds and the seconds their sum)" in text
+    )
+    assert (
+        "a difference of +0.023 (higher is better), so the advice did better than plain LoRA: over 2 seeds the "
+        "difference of the means exceeds the larger seed spread of the two runs, 0.01."
+    ) in text
+    assert (
+        "`lora_r16` beat the advice: accuracy 0.819 against 0.815 (+0.004), within seed noise: over 2 seeds the "
+        "difference of the means does not exceed the larger seed spread of the two runs, 0.012"
+    ) in text
+    assert "mean of seeds 0: 0.81; 1: 0.82 (spread 0.01)" in table_row(text, "advised")[1]
+    # a difference inside the spread is noise; an alternative beyond it is to be preferred
+    rec = seeded(recommendation(), {"advised": (0.80, 0.82), "lora": (0.795, 0.815),
+                                    "lora_r16": (0.85, 0.86)})  # fmt: skip
+    text = render_markdown(rec)
+    assert "+0.005 (higher is better), within seed noise: over 2 seeds" in text
+    assert (
+        "`lora_r16` beat the advice: accuracy 0.855 against 0.81 (+0.045), beyond the larger seed spread of "
+        "the two, 0.02: prefer it."
+    ) in text
+    # the same sentences for the command line
+    from loraredux.advisor.report import compare_runs
+
+    assert " ".join(compare_runs(rec["verify"])) in text
+    assert compare_runs(None) == []
+
+
+def test_each_memory_figure_says_what_it_counts():
+    rec = recommendation()
+    rec["memory"]["device"] = "cuda"
+    rec["verify"]["memory"] = {
+        "device": "cpu", "batch_size": 8, "seq_len": 64, "measured": 300 * MiB, "estimated": 303 * MiB,
+        "ratio": 1.01, "estimated_parts": {"activations": 200 * MiB},
+    }  # fmt: skip
+    text = render_markdown(rec)
+    assert (
+        "The memory model's estimate (not a measurement) of training LoRA at the advised ranks, per base format: "
+        "the base weights at that format, the adapters, their gradients and optimizer states, and the "
+        "activations of one training step on batches of 8 × 512 tokens, for training on cuda"
+    ) in text
+    assert (
+        "one training step of the advised model as the verification trains it (batch 8 × 64 tokens, fp32 base, "
+        "cpu; weights, adapters, gradients, optimizer states and activations) measured 300.00 MiB; the memory "
+        "model's estimate for that same step is 303.00 MiB, 1.010 times the measurement. It is a different "
+        "figure from the Memory section's estimate for the chosen base, 2.01 GiB at bf16: that one is for the "
+        "training setup the advice was given, and differs from this step in the device (cuda there, cpu here: "
+        "the activations depend on the attention kernel each device runs), the batch (8 × 512 tokens there), "
+        "the base format (bf16 there, fp32 here) (activations 200.00 MiB here, 512.00 MiB there)."
+    ) in text
+    # the same setup is named as such
+    rec["verify"]["memory"].update(device="cuda", seq_len=512)
+    rec["memory"]["chosen"] = "fp32"
+    rec["memory"]["options"]["fp32"] = {**rec["memory"]["options"]["bf16"], "total": 302 * MiB}
+    assert (
+        "The Memory section's estimate at fp32, 302.00 MiB, is for the same setup"
+        in render_markdown(rec)
+    )
+
+
+def test_a_reason_shared_by_layers_is_said_once_with_its_layers():
+    rec = recommendation()
+    init = "kaiming (B = 0): the loss passes through a newly drawn head, a long reason"
+    for layer in rec["layers"].values():
+        layer["rank_reason"] = f"rank {layer['rank']}: measured"
+        layer["init_reason"] = init
+        layer["reason"] = f"{layer['rank_reason']}. {init}."
+    text = render_markdown(rec)
+    assert text.count(init) == 1 and f"Why each layer's init:\n\n- All 3 layers: {init}\n" in text
+    assert (
+        f"Why each layer's rank:\n\n- `{L0Q}`, `{L1Q}`: rank 8: measured\n- `{L0V}`: rank 4: measured\n"
+        in text
+    )
 
 
 def test_no_data_and_no_verification():

@@ -306,7 +306,9 @@ def test_fewer_than_two_calibration_batches_are_refused_with_the_reason():
     model = TwoBranches(decaying_weight(g), decaying_weight(g))
     batches = regression_batches(model, (low_rank(2, g), low_rank(2, g)), noise=0.1)
     for n in (0, 1):
-        with pytest.raises(ValueError, match=r"batches: the advisor needs at least 2 .* two halves"):
+        with pytest.raises(
+            ValueError, match=r"batches: the advisor needs at least 2 .* two halves"
+        ):
             advise(model, batches[:n], mse, targets=["a"])
     assert advise(model, batches[:2], mse, targets=["a"]).layers["a"].measurement.noise is not None
 
@@ -326,7 +328,9 @@ def test_the_config_rank_says_how_many_layers_hold_it_and_the_median():
     ranks = dict(enumerate([14, 13, 15, 5, 15, 5, 14, 5, 14, 5, 1, 11]))
     choice = rules.choose_rank(ranks)
     assert choice.value == 5
-    assert choice.reason.startswith("rank 5 is only the config's r (4 of 12 layers; layer ranks 1-15, median 12)")
+    assert choice.reason.startswith(
+        "rank 5 is only the config's r (4 of 12 layers; layer ranks 1-15, median 12)"
+    )
     assert "not the rank most layers get" in choice.reason and "the 8 others" in choice.reason
     # a rank most layers hold says so, and the one other layer is named in the singular
     most = rules.choose_rank({"a": 4, "b": 4, "c": 8})
@@ -334,18 +338,25 @@ def test_the_config_rank_says_how_many_layers_hold_it_and_the_median():
         "rank 4, the rank of most layers (2 of 3 layers; layer ranks 4-8, median 4); the other layer gets its "
         "own rank in the rank pattern"
     )
-    assert rules.choose_rank({"a": 3, "b": 3}).reason == "rank 3: every one of the 2 layers needs it"
+    assert (
+        rules.choose_rank({"a": 3, "b": 3}).reason == "rank 3: every one of the 2 layers needs it"
+    )
 
 
 def test_the_base_reason_says_what_its_estimate_counts():
     totals = {"bf16": 30 << 30, "int8": 18 << 30}
-    counts = "the base weights, ..., and the activations of one training step on 8 × 512 tokens on cuda"
+    counts = (
+        "the base weights, ..., and the activations of one training step on 8 × 512 tokens on cuda"
+    )
     reason = rules.choose_base(totals, 24 << 30, counts=counts).reason
     assert reason == (
         "int8: the widest format whose training estimate, 18.00 GiB, fits the 24.00 GiB budget (bf16 30.00 GiB "
         f"would not fit); each estimate counts {counts}"
     )
-    assert "training estimate at bf16 is 30.00 GiB" in rules.choose_base(totals, None, counts=counts).reason
+    assert (
+        "training estimate at bf16 is 30.00 GiB"
+        in rules.choose_base(totals, None, counts=counts).reason
+    )
 
 
 def test_the_phases_are_logged_and_the_bar_can_be_turned_off(caplog):
@@ -357,4 +368,25 @@ def test_the_phases_are_logged_and_the_bar_can_be_turned_off(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert "advise: measuring TwoBranches on 4 calibration batches" in messages
     assert "measuring layer 1/2: a" in messages and "measuring layer 2/2: b" in messages
-    assert any(m.startswith("calibration pass 1/1: gradients and inputs of layers 1-2 of 2") for m in messages)
+    assert any(
+        m.startswith("calibration pass 1/1: gradients and inputs of layers 1-2 of 2")
+        for m in messages
+    )
+
+
+def test_a_transformers_model_gets_a_base_reason_that_names_what_its_estimate_counts():
+    from tiny_models import tiny_bert
+
+    model = tiny_bert()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (4, 16), generator=g),
+                "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(2)]  # fmt: skip
+    rec = advise(model, batches, targets=["query", "value"], device="cpu", progress=False)
+    assert rec.memory is not None and rec.base == "fp32"
+    assert rec.choices["base"].reason.endswith(
+        "; each estimate counts the base weights at that format, the adapters, their gradients and optimizer "
+        "states, and the activations of one training step on 4 × 16 tokens on cpu; an estimate, not a "
+        "measurement"
+    )
+    layer = rec.to_dict()["layers"]["bert.encoder.layer.0.attention.self.query"]
+    assert layer["reason"] == f"{layer['rank_reason']}. {layer['init_reason']}."

@@ -367,11 +367,16 @@ def _spread(run: Mapping[str, Any]) -> float | None:
     return max(values) - min(values) if len(values) >= 2 else None
 
 
-def _noise(verify: Mapping[str, Any], a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
-    """Why the difference between runs `a` and `b` is within seed noise, or None when it is evidence."""
+def _noise(
+    verify: Mapping[str, Any], a: Mapping[str, Any], b: Mapping[str, Any], *, short: bool = False
+) -> str | None:
+    """Why the difference between runs `a` and `b` is within seed noise, or None when it is evidence; `short`:
+    the one-seed case without its explanation (said once before)."""
     seeds = _seeds(verify)
     spreads = [_spread(a), _spread(b)]
     if len(seeds) < 2 or None in spreads:
+        if short:
+            return "within seed noise (one seed)"
         return (
             f"within seed noise: only one seed ({seeds[0]}) was run, so the seed-to-seed spread is unmeasured "
             "and no difference counts as evidence (`--seeds 2` or more measures it)"
@@ -404,7 +409,7 @@ def compare_runs(verify: Mapping[str, Any] | None) -> list[str]:
     diff = a - b
     noise = _noise(verify, advised, plain)
     if diff == 0:
-        verdict = "so the advice did the same as plain LoRA."
+        verdict = "the same score" + (f"; {noise}." if noise is not None else ".")
     elif noise is not None:
         verdict = noise + "."
     else:
@@ -423,7 +428,7 @@ def compare_runs(verify: Mapping[str, Any] | None) -> list[str]:
         m = run.get("metric")
         if run is advised or run is plain or not is_number(m) or m == a or (m > a) != higher:
             continue
-        noise = _noise(verify, run, advised)
+        noise = _noise(verify, run, advised, short=True)
         if noise is None:
             spread = max(s for s in (_spread(run), _spread(advised)) if s is not None)
             noise = f"beyond the larger seed spread of the two, {format_number(spread)}: prefer it"
