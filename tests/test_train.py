@@ -800,3 +800,15 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path, umask):
     assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
     for name in ("tensors.safetensors", "state.json"):
         assert os.stat(folder / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_where_stderr_is_no_terminal_progress_is_a_logged_line_per_tenth(caplog, monkeypatch):
+    monkeypatch.setattr(train.sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level("INFO", logger="loraredux.train"):
+        fit(make(), BATCHES, mse, TrainConfig(steps=20, lr=1e-2), progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == [f"step {k}/20" for k in range(2, 21, 2)]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="loraredux.train"):
+        fit(make(), BATCHES, mse, TrainConfig(steps=20, lr=1e-2), progress=False)
+    assert not [r for r in caplog.records if r.getMessage().startswith("step ")]

@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -352,7 +353,8 @@ def fit(
             step is written (with a `checkpoint_dir`), from which `resume=True` continues exactly, and
             `TrainingStopped` is raised. For a graceful Ctrl-C or SIGTERM (`loraredux train` sets a flag in its
             signal handlers).
-        progress: a tqdm bar (loss, lr); it also stays off when stderr is not a terminal.
+        progress: a tqdm bar (loss, lr) where stderr is a terminal; elsewhere (a log) a line of the step, loss
+            and lr every tenth of the run, through `logging` (INFO, logger `loraredux.train`).
 
     Raises:
         ValueError: no trainable parameter, a non-scalar loss, a missing `checkpoint_dir`, a checkpoint that
@@ -432,6 +434,8 @@ def fit(
     bar = tqdm(
         total=config.steps, initial=start, disable=None if progress else True, desc="training"
     )
+    # where stderr is no terminal (a log), tqdm shows nothing: one logged line per tenth of the run instead
+    plain_every = max(1, config.steps // 10) if progress and not sys.stderr.isatty() else 0
     t0, seconds_before = time.perf_counter(), result.seconds
     model.train()
     try:
@@ -478,6 +482,10 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             last = step == config.steps
+            if plain_every and (
+                last or step % plain_every == 0
+            ):  # a log has no bar: a line instead
+                logger.info("step %d/%d: loss %.4f, lr %.2e", step, config.steps, mean_loss, lr)
             if eval_fn is not None and (
                 last or (config.eval_every and step % config.eval_every == 0)
             ):

@@ -12,7 +12,9 @@ stored twice. A tqdm bar shows progress and the time left.
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from tqdm.auto import tqdm
 
 from .store import AlreadyFinished, Run, Store
 from .trial import Trial
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Outcome", "RunSummary", "library_versions", "run_trials"]
 
@@ -160,4 +164,8 @@ def run_trials(
             continue
         finished += error is None
         failed += error is not None
+        if off is None and not sys.stderr.isatty():  # a log has no bar: a line per run instead
+            logger.info(
+                "run %d/%d %s: %s", finished + failed, len(todo), trial.key()[:12], error or "ok"
+            )
     return RunSummary(skipped=skipped, finished=finished, failed=failed)

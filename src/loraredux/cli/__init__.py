@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
-    # a one-time conversion of a packaged model takes a while: say so, and where its cache goes
-    logging.getLogger("loraredux.assets").setLevel(logging.INFO)
+    # What a person waiting needs at the default level: a one-time conversion of a packaged model (and where its
+    # cache goes), and, where stderr is a log rather than a terminal, the progress lines that replace the bars.
+    for name in ("loraredux.assets", "loraredux.train", "loraredux.bench.runner"):
+        logging.getLogger(name).setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
