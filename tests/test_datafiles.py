@@ -448,3 +448,24 @@ def test_the_classify_bench_suite_takes_a_data_file(tmp_path):
     lm = Trial("lm", "kjv", "lora", 2, "adamw", 1e-3, 0, 1, problem_options=lm_options)
     with pytest.raises(ValueError, match=r"is a classification task; this suite trains causal-lm"):
         execute(lm)
+
+
+@pytest.mark.slow
+def test_advise_verify_reads_the_same_columns(tmp_path, monkeypatch, capsys):
+    """`advise --verify` trains on the file the advice measured, columns and all."""
+    import loraredux.advisor
+
+    rows = [{"review": t, "sentiment": y} for t, y in REVIEWS * 4]
+    path = write(tmp_path / "mine.csv", rows)
+    seen = {}
+
+    def verify(rec, model, data, **kwargs):
+        seen.update(kwargs, model=model, data=data)
+
+    monkeypatch.setattr(loraredux.advisor, "verify", verify)
+    argv = ["advise", "--data", str(path), "--text-column", "review", "--label-column", "sentiment"]
+    argv += ["--eval-fraction", "0.25", "--calibration-batches", "2", "--verify", "--no-progress"]
+    assert main(argv) == 0
+    assert (seen["model"], seen["data"]) == ("minilm", str(path))
+    assert seen["columns"] == {"text_column": "review", "label_column": "sentiment",
+                               "messages_column": None, "eval_split": None, "eval_fraction": 0.25}  # fmt: skip

@@ -34,7 +34,7 @@ import copy
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -208,6 +208,7 @@ def verify(
     seed: int = 0,
     seeds: int = 1,
     progress: bool = True,
+    columns: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the runs of the module docstring on a packaged task (or a local folder) and return the comparison,
     also stored in `rec.verify` (the `verify` entry of recommendation.json).
@@ -221,6 +222,8 @@ def verify(
             and `"per_seed"` and `"spread"` (largest minus smallest) say how far they scatter. With 1 (the
             default) no difference counts as evidence (module docstring).
         progress: the training progress bars (shown only in a terminal).
+        columns: for a data file, `tasks.build_task`'s column options (`text_column`, `label_column`,
+            `messages_column`, `eval_split`, `eval_fraction`).
 
     Raises:
         ValueError: what `tasks.build_task` refuses (an unknown model or data set), an empty or non-positive lr grid,
@@ -236,7 +239,8 @@ def verify(
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     build = {"model": model, "data": data, "train_examples": train_examples,
-             "eval_examples": eval_examples, "batch_size": batch_size, "max_length": max_length}  # fmt: skip
+             "eval_examples": eval_examples, "batch_size": batch_size, "max_length": max_length,
+             **dict(columns or {})}  # fmt: skip
     seed_list = list(range(seed, seed + seeds))
     runs = _runs(rec)
     results, memory, task, out = [], None, None, {}

@@ -14,6 +14,7 @@ from .common import (
     UsageError,
     add_task_arguments,
     build_task,
+    data_columns,
     positive_float,
     positive_int,
     targets,
@@ -253,7 +254,7 @@ def _advise(args: argparse.Namespace) -> int:
             rec, args.model, args.data, train_examples=args.train_examples,
             eval_examples=args.eval_examples, steps=args.steps,
             lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-            seeds=args.seeds, progress=not args.no_progress,
+            seeds=args.seeds, progress=not args.no_progress, columns=data_columns(args),
         )  # fmt: skip
     _print(rec)
     if args.out is not None:

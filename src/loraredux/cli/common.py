@@ -142,6 +142,14 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+COLUMN_OPTIONS = ("text_column", "label_column", "messages_column", "eval_split", "eval_fraction")
+
+
+def data_columns(args: argparse.Namespace) -> dict[str, Any]:
+    """The data-file options of `add_task_arguments`, as `tasks.build_task` takes them."""
+    return {name: getattr(args, name) for name in COLUMN_OPTIONS}
+
+
 def build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(model, task, data name or path) from `add_task_arguments`' options; a bad model, data set or data file is
     a usage error."""
@@ -157,11 +165,7 @@ def build_task(args: argparse.Namespace) -> tuple[Any, Any, str]:
             max_length=args.max_length,
             seed=args.seed,
             progress=not args.no_progress,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            messages_column=args.messages_column,
-            eval_split=args.eval_split,
-            eval_fraction=args.eval_fraction,
+            **data_columns(args),
         )
     except ValueError as err:
         raise UsageError(f"--model/--data: {err}") from None
