@@ -328,49 +328,24 @@ def _build_task(
                 "JSON Lines or Parquet file or of a folder saved by `datasets`"
             )
         sizes = (train_examples, eval_examples, batch_size, max_length, max_tokens)
-        net, task = _file_task(model, datafiles.read_data(data, **columns), *sizes, seed, progress)
+        read = datafiles.read_data(data, **columns)
+        net, task = _file_task(model, read, *sizes, seed, progress)
+        task.info = read.describe()  # the file, its columns and its labels, for the run's record
         return net, task, data
     given = [f"{k}={v!r}" for k, v in columns.items() if v is not None]
     if given:
         raise ValueError(
             f"{', '.join(given)} apply to a data file, not the packaged data set {data!r}"
         )
+    # A packaged data set is a data file that ships with loraredux: the same path from here on.
     if data == "rotten_tomatoes":
-        if model == "smollm2":
-            raise ValueError(
-                "data rotten_tomatoes needs a classification model (minilm or a folder)"
-            )
-        net, tok = (
-            assets.load_minilm(num_labels=2) if model == "minilm" else _load_folder(model, "cls")
-        )
-        train = assets.rotten_tomatoes("train")
-        train = random.Random(seed).sample(train, min(train_examples, len(train)))
-        test = assets.rotten_tomatoes("test")
-        test = random.Random(0).sample(test, min(eval_examples or 1000, len(test)))
-        task = classification_task(
-            tok,
-            train,
-            test,
-            batch_size=batch_size or 32,
-            max_length=max_length or 64,
-            seed=seed,
-            progress=progress,
-        )
+        train, test = assets.rotten_tomatoes("train"), assets.rotten_tomatoes("test")
+        packaged = datafiles.DataFile(data, "classification", {}, train, test, num_labels=2)
     else:
-        if model == "minilm":
-            raise ValueError(f"data {data} is language modelling; use model smollm2 or a causal LM")
-        net, tok = assets.load_smollm2() if model == "smollm2" else _load_folder(model, "lm")
         texts = assets.kjv() if data == "kjv" else [f"{q}\n{a}" for q, a in assets.chat_pairs()]
-        task = language_modeling_task(
-            tok,
-            texts,
-            batch_size=batch_size or 8,
-            seq_len=max_length or 128,
-            eval_blocks=eval_examples or 32,
-            max_tokens=max_tokens,
-            seed=seed,
-            progress=progress,
-        )
+        packaged = datafiles.DataFile(data, "text", {}, texts, None)
+    sizes = (train_examples, eval_examples, batch_size, max_length, max_tokens)
+    net, task = _file_task(model, packaged, *sizes, seed, progress)
     return net, task, data
 
 
@@ -391,7 +366,8 @@ def _file_task(
     if data.kind == "classification":
         if model == "smollm2":
             raise ValueError(
-                f"{data.path} is classification; use model minilm or a classifier folder"
+                f"data {data.path} is classification: it needs a classification model (minilm or a "
+                "classifier folder)"
             )
         n = data.num_labels
         net, tok = (
@@ -415,7 +391,7 @@ def _file_task(
     else:
         if model == "minilm":
             raise ValueError(
-                f"{data.path} is language modelling ({data.kind}); use model smollm2 or a causal LM folder"
+                f"data {data.path} is language modelling ({data.kind}); use model smollm2 or a causal LM folder"
             )
         net, tok = assets.load_smollm2() if model == "smollm2" else _load_folder(model, "lm")
         train, held_out = data.train, data.eval
@@ -439,7 +415,6 @@ def _file_task(
             progress=progress,
             eval_texts=held_out,
         )
-    task.info = data.describe()
     return net, task
 
 
