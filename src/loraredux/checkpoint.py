@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import check_tensors
+from .io.atomic import fsync, usual_permissions
 from .state import adapter_state_dict, load_adapter_state_dict
 
 __all__ = [
@@ -202,25 +203,6 @@ def clean(root: str | Path) -> list[Path]:
     return removed
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    """Flush a file's (or a folder's entries') data to the disk, so a rename never exposes unwritten data after a
-    power cut. Folders that cannot be opened for it (not POSIX) are skipped."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if not directory or err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _nbytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
@@ -351,27 +333,25 @@ def save(
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=_TMP))
         _reached("tmp")
         save_file(tensors, str(tmp / _TENSORS))
-        # safetensors writes 0600; a checkpoint's files get the usual mode, as any file this process makes
-        os.chmod(tmp / _TENSORS, 0o666 & ~_umask())
-        _fsync(tmp / _TENSORS)
+        fsync(tmp / _TENSORS)
         _reached("tensors")
         with open(tmp / _STATE, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        # mkdtemp makes 0700; a checkpoint gets the permissions of any folder this process makes
-        os.chmod(tmp, 0o777 & ~_umask())
-        _fsync(tmp, directory=True)
+        # mkdtemp makes 0700 and safetensors 0600: a checkpoint gets the modes of anything this process makes
+        usual_permissions(tmp)
+        fsync(tmp)
         _reached("state")
         if final.exists():
             if old.exists():
                 _discard(old)  # stale: `final` is the good one
             os.replace(final, old)
-            _fsync(root, directory=True)
+            fsync(root)
             _reached("aside")
         os.replace(tmp, final)
         tmp = None
-        _fsync(root, directory=True)
+        fsync(root)
         _reached("placed")
         if (
             old.exists()
@@ -403,14 +383,8 @@ def _restore(root: Path) -> Found | None:
     if not final.exists() and _read_state(old) is not None:
         with contextlib.suppress(OSError):  # else `load` reads `.checkpoint.old/`
             os.replace(old, final)
-            _fsync(root, directory=True)
+            fsync(root)
     return find(root)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _differences(saved: Any, given: Any, where: str) -> list[str]:

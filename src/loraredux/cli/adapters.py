@@ -138,18 +138,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _usual_permissions(folder: Path) -> None:
-    """The modes of a folder this process made, as if made without a temporary folder: mkdtemp gives 0700 and
-    safetensors writes 0600, so a serving process running as another user could read nothing."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def _cmd_merge(args: argparse.Namespace) -> int:
     import loraredux as lx
+    from loraredux.io.atomic import usual_permissions
 
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
@@ -167,7 +158,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
         except (OSError, ValueError) as err:
             log.warning("no tokenizer saved beside the merged model: %s", err)
-        _usual_permissions(tmp)
+        usual_permissions(tmp)  # mkdtemp makes 0700, safetensors 0600
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -36,10 +36,12 @@ except ImportError:  # not POSIX: saves into one folder are not serialised
 
 __all__ = [
     "Writer",
+    "fsync",
     "recover_directory",
     "remove_stale_folders",
     "replace_directory_files",
     "replace_file",
+    "usual_permissions",
 ]
 
 Writer = Callable[[Path], object] | bytes
@@ -108,7 +110,10 @@ def _fsync_fd(fd: int | None) -> None:
             raise
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data, or a folder's entries, to the disk, so that a rename never exposes unwritten data
+    after a power cut (folders where the system cannot: skipped)."""
+    path = Path(path)
     if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to sync it
         return
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -138,6 +143,19 @@ def _locked(folder: Path) -> Iterator[int | None]:
         yield fd
     finally:
         os.close(fd)
+
+
+def usual_permissions(folder: str | os.PathLike[str]) -> None:
+    """Give `folder` and everything under it the modes that a folder and files made in place would have (0o777
+    and 0o666 less the umask): for results built in a temporary folder (mkdtemp makes 0o700) by writers that
+    make their files 0o600 (safetensors), so that another user, a serving process, can read them."""
+    folder = Path(folder)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -443,7 +461,7 @@ def _write_all(staging: Path, files: Mapping[str, Writer]) -> None:
         contents(scratch / name)
         if stat.S_IMODE(os.stat(scratch / name).st_mode) != usual:  # e.g. a temporary file's 0o600
             os.chmod(scratch / name, usual)
-        _fsync(scratch / name)
+        fsync(scratch / name)
         _step(f"place {name}")
         os.rename(scratch / name, staging / name)
     if scratch.exists():
@@ -538,7 +556,7 @@ def replace_directory_files(directory: str | os.PathLike[str], files: Mapping[st
         try:
             _write_all(staging, files)
             if before is None:
-                _fsync(staging)
+                fsync(staging)
                 _step("rename")
                 os.rename(staging, target)
                 swapped = True
@@ -555,7 +573,7 @@ def replace_directory_files(directory: str | os.PathLike[str], files: Mapping[st
                     _remove(staging / entry)
             _copy_folder_metadata(before, target, staging)
             os.utime(staging)  # its contents changed: tools comparing times must see that
-            _fsync(staging)
+            fsync(staging)
             cwd = _cwd_inside(target)
             old = _swap(staging, target)
             swapped = True
@@ -564,7 +582,7 @@ def replace_directory_files(directory: str | os.PathLike[str], files: Mapping[st
             if cwd is not None:
                 with contextlib.suppress(OSError):
                     os.chdir(target / cwd)
-            _fsync(target)
+            fsync(target)
             _fsync_fd(parent_fd)
             if kept:
                 warnings.warn(
