@@ -1,4 +1,4 @@
-"""How often the advisor's pick is within 1% of the best configuration in hindsight (issue 8's evidence).
+"""How often the advisor's pick is within 1% of the best configuration in hindsight (the advisor's evidence).
 
 For every problem of the stored `sp` suite (docs/bench/sp: matrix sensing and teacher-student) and of the `classify`
 suite (docs/bench/classify), the advisor measures the problem as a user's data would let it (W0 and the loss

@@ -1,4 +1,4 @@
-"""Initialisation time and peak memory of every registered initialiser on SmolLM2-135M (issue 4).
+"""Initialisation time and peak memory of every registered initialiser on SmolLM2-135M.
 
 The model is the packaged SmolLM2-135M-Instruct (`loraredux.assets.load_smollm2`, fp32, 30 layers, offline); the
 targets are its 210 "all-linear" projections (q k v o gate up down of every layer), LoRA rank 16 with the default
@@ -71,9 +71,9 @@ from _common import (
     wait_for_quiet,
 )
 
-#: The initialisers issue 4 asks for; any of them not registered is reported as missing.
+#: The initialisers the benchmark expects; any of them not registered is reported as missing.
 EXPECTED = ("kaiming", "pissa", "milora", "olora", "loftq", "lora_ga", "lora_one", "eva", "corda")
-GOAL_SECONDS = 10.0  # issue 4: "pissa with randomized SVD at r=16 under 10 s on 2 cores"
+GOAL_SECONDS = 10.0  # the goal: "pissa with randomized SVD at r=16 under 10 s on 2 cores"
 
 
 @dataclass(frozen=True)

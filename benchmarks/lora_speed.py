@@ -56,7 +56,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TRAIN_VARIANTS = ("loraredux", "peft", "frozen", "floor")
 MEMORY_VARIANTS = ("loraredux", "peft", "frozen")
 INFER_VARIANTS = ("loraredux", "peft", "plain")
-# The issue's goals (issue 2, section 9): upper limits on ratios of medians.
+# The goals: upper limits on ratios of medians.
 TARGET_LIMITS = {
     "train: loraredux / peft": 0.95,
     "train: loraredux / frozen": 1.10,

@@ -14,7 +14,7 @@ which would flatter them). Measured per rank:
      as a share of AdamW's training step, is the overhead the optimizer adds;
   3. the **optimizer state** after a step: the bytes of every tensor in `optimizer.state`, against AdamW's.
 
-The issue's goal (issue 5): the r x r preconditioners cost at most 5% over AdamW on the training step; LoRA-Pro
+The goal: the r x r preconditioners cost at most 5% over AdamW on the training step; LoRA-Pro
 (full-size moments) and LoRA-RITE (matrix-valued second moments) are measured and explained in BENCHMARKS.md.
 `--help` lists the options; `--quick` is a smoke test.
 """

@@ -1,4 +1,4 @@
-"""Shared cross-layer state (issue 7): the bank modules that many adapted layers compute with.
+"""Shared cross-layer state: the bank modules that many adapted layers compute with.
 
 A bank lives once per model, registered by `lx.adapt_` at the root as `loraredux_banks.<key>` (an `nn.ModuleDict`),
 and each adapter that uses it holds a plain reference (not a submodule) and its coordinates in the bank. So the

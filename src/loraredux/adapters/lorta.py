@@ -5,7 +5,7 @@
 
 Hounie, Kanatsoulis, Tandon, Ribeiro, "LoRTA: Low Rank Tensor Adaptation of Large Language Models", arXiv 2410.04060.
 The paper's tensor has a fifth mode, the attention heads (the output split into heads); this is the 4-way model over
-(out, in, layer, kind) that issue 7 asks for, so it also covers MLP projections, which have no heads. A layer's
+(out, in, layer, kind), so it also covers MLP projections, which have no heads. A layer's
 place is its parent module (one block's attention or MLP) and its kind its own name (`banks.coordinates`).
 Trainable parameters: r (out + in + layers + kinds) per bank, none per layer. Only the abstract could be read here,
 so the initial values are our choice: A = 0 (so W' = W0), B with orthonormal columns (the QR of a Gaussian draw

@@ -1,4 +1,4 @@
-"""Head-to-head benchmarks (issue 6): trials expanded from a spec (`trial.py`), a SQLite store of every run
+"""Head-to-head benchmarks: trials expanded from a spec (`trial.py`), a SQLite store of every run
 (`store.py`), the runner that fills it (`runner.py`), and the suites (`suites/`: `sp`'s `sensing` so far)."""
 
 from .runner import Outcome, RunSummary, library_versions, run_trials

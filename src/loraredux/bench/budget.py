@@ -1,4 +1,4 @@
-"""Equal-budget comparisons: the rank at which a method trains as many parameters as a reference (issue 7).
+"""Equal-budget comparisons: the rank at which a method trains as many parameters as a reference.
 
 `rank_for_budget(model, method, targets, budget)` adapts copies of the model at trial ranks (bisection: a method's
 trainable count grows with its rank) and returns the largest rank whose count does not exceed the budget, with that

@@ -1,4 +1,4 @@
-"""Reports rendered from the store alone (issue 6): `write_report(dir)` writes `report.md` and `runs.csv`.
+"""Reports rendered from the store alone: `write_report(dir)` writes `report.md` and `runs.csv`.
 
 A *configuration* is everything but the learning rate and the seed (suite, problem and its options, method, init,
 optimizer and its options, rank). For each one the report gives:

@@ -1,4 +1,4 @@
-"""One benchmark run's configuration (`Trial`) and the grid a suite expands into (issue 6).
+"""One benchmark run's configuration (`Trial`) and the grid a suite expands into.
 
 A suite is problems x methods x inits x optimizers x ranks x learning rates x seeds. `expand(spec)` turns a spec
 (a dict, or a JSON file read by `load_spec`) into the list of trials, in a fixed order. Each trial has a

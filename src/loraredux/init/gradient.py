@@ -132,7 +132,7 @@ def lora_ga(
     The slices, the stable factor on both A and B, the sign (G, not -G) and the
     defaults (gamma = 16, "ArB2r") are confirmed against the authors' reference code (github.com/Outsider565/
     LoRA-GA, peft/src/peft/tuners/lora/layer.py, `lora_ga_init`); the paper's text beyond the abstract could not be
-    retrieved here. The TAXONOMY's reading "A = V[:, :r]^T, B = U[:, r:2r]" is this default, 0-based.
+    retrieved here. The reading "A = V[:, :r]^T, B = U[:, r:2r]" is this default, 0-based.
 
     PEFT 0.21.2 (`init_lora_weights="lora_ga"`, `LoraGAConfig`) differs: its B also carries the singular values,
     B = c U[:, r+1:2r] diag(S[r+1:2r]), and its stable factor c multiplies B only. `variant="peft"` reproduces

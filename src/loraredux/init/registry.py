@@ -10,7 +10,7 @@ statistics) that returns the starting factors of an additive low-rank update W' 
   s B A divide by it (as PEFT does for PiSSA).
 - `data` is the layer's `LayerData` (gradients and/or input moments) for data-aware inits, else None.
 - `base` in the result is the new base weight when the init moves it (PiSSA's residual, LoftQ's quantized
-  weight), else None: the change of W0 is a return value, never a hidden mutation (DESIGN.md §3).
+  weight), else None: the change of W0 is a return value, never a hidden mutation.
 
 The function never touches a module; `lx.adapt_` calls it through the adapter and applies the new base only once
 every layer has been built.

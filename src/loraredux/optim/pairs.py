@@ -2,7 +2,7 @@
 
 A pair is found by structure: an adapter that exposes `factor_pair()` (LoRA, DoRA) names its own A (r, in) and
 B (out, r) with W' = W0 + s B A (DoRA: the direction W0 + s B A). Nothing is paired by list position or by
-parameter-name prefixes (DESIGN.md §5).
+parameter-name prefixes.
 """
 
 from __future__ import annotations

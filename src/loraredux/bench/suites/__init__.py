@@ -1,4 +1,4 @@
-"""The benchmark suites: suite name -> problem name -> `fn(trial) -> Outcome` (issue 6)."""
+"""The benchmark suites: suite name -> problem name -> `fn(trial) -> Outcome`."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
             "seeds": [0, 1, 2],
             "steps": 300,
             # LoRA-One (a one-step start from the gradient, W' != W0) is what the advisor picks when the gradient
-            # is sharp but aligned with neither of W0's subspaces (issue 8).
+            # is sharp but aligned with neither of W0's subspaces.
             "variants": [
                 {},
                 {"inits": ["kaiming", "pissa"], "ranks": [1, 2, 4, 6]},

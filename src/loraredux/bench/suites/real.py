@@ -1,4 +1,4 @@
-"""The suites on real models (issue 6): `classify` (MiniLM on Rotten Tomatoes, test accuracy) and `lm` (SmolLM2-135M
+"""The suites on real models: `classify` (MiniLM on Rotten Tomatoes, test accuracy) and `lm` (SmolLM2-135M
 on the King James Bible, held-out perplexity).
 
 Each run is what `loraredux train` does, from the same code (`loraredux.tasks.build_task`, `adapt_for_task` and

@@ -1,4 +1,4 @@
-"""The `sp` suite: signal-processing problems with known answers (issue 6): `sensing` and `teacher`.
+"""The `sp` suite: signal-processing problems with known answers: `sensing` and `teacher`.
 
 `sensing`: low-rank matrix sensing of the update. A frozen random W0 (out, in) is adapted; the planted update M*
 has rank `true_rank` and singular values from 1 down to 1 / `kappa` (log-spaced); the data are m = `oversample`
