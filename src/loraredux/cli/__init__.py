@@ -1,7 +1,8 @@
 """`loraredux`: advise, fine-tune, inspect and merge adapters from the command line. Uses only the public API.
 
 One module per subcommand family: `advise.py` (advise), `train.py` (train), `adapters.py` (inspect, merge,
-methods), `bench.py` (bench); `common.py` holds the usage error and argument types they share.
+methods), `bench.py` (bench); `runs.py` holds train's run folder (resume, Ctrl-C), `common.py` the usage error and
+argument types they share, `formatting.py` the help layout.
 """
 
 from __future__ import annotations

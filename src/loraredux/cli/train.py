@@ -1,19 +1,16 @@
 """`loraredux train`: fine-tune a packaged model (or a local folder) with any registered method.
 
-With `--save-every N --out DIR` the run checkpoints into DIR/checkpoint/ (see `loraredux.checkpoint`) and
-`--resume` continues it exactly, after a crash, a kill or Ctrl-C (which prints the command that resumes).
+The run goes to a folder (`--out`, or a new one under runs/) and checkpoints into its checkpoint/ every
+--save-every steps and at Ctrl-C or SIGTERM; `--resume` continues it exactly (the folder's rules: `runs.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,16 @@ from .common import (
     targets,
 )
 from .formatting import HelpFormatter
+from .runs import (
+    SAVE_EVERY,
+    check_earlier_run,
+    check_out,
+    check_resume,
+    default_out,
+    interrupted,
+    run_signature,
+    stop_on_signals,
+)
 
 __all__ = ["add_train"]
 
@@ -163,7 +170,7 @@ def add_train(sub: Any) -> None:
         "training (model, data, method and its fields, optimizer, steps, lr, seed, ...) must be those of "
         "that run; the result is the same as if it had never stopped",
     )
-    p.set_defaults(run=_cmd_train, on_interrupt=_interrupted)
+    p.set_defaults(run=_cmd_train, on_interrupt=interrupted)
 
 
 def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,175 +235,6 @@ def _recommendation(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any,
     return cfg, patterns, adapt.get("targets"), optimizer
 
 
-SAVE_EVERY = (
-    100  # steps between checkpoints by default: a LoRA checkpoint is small, a lost hour is not
-)
-_EARLIER_RUN = ("adapter_config.json", "adapter_model.safetensors", "metrics.json")
-
-
-def _default_out(args: argparse.Namespace) -> Path:
-    """A new folder named after the run, under runs/ (never an existing one)."""
-    model = Path(str(args.model)).name or "model"
-    data = Path(str(args.data)).stem or "data"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path("runs") / f"train-{model}-{data}-{args.method}-{stamp}"
-    n = 1
-    while out.exists():
-        n += 1
-        out = out.with_name(f"train-{model}-{data}-{args.method}-{stamp}-{n}")
-    return out
-
-
-def _check_earlier_run(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that holds an earlier run, unless --overwrite (which drops its checkpoint, so that it
-    cannot be taken for this run's)."""
-    import shutil
-
-    from loraredux import checkpoint
-
-    found = checkpoint.find(out) if out.is_dir() else None
-    held = [n for n in _EARLIER_RUN if (out / n).exists()] + ([found.path.name] if found else [])
-    if not held:
-        return
-    if not overwrite:
-        hint = f"--resume to continue its checkpoint (step {found.step}), " if found else ""
-        raise UsageError(
-            f"--out {out} holds an earlier run ({', '.join(held)}); add {hint}--overwrite to replace it, "
-            "or choose another --out"
-        )
-    if found is not None:
-        shutil.rmtree(found.path)
-
-
-def _check_out(out: Path) -> None:
-    """Refuse an --out that cannot become a writable folder, before anything is loaded: it exists and is not a
-    folder, a parent is a file, or no file can be created where it would go (a probe file, removed at once)."""
-    import tempfile
-
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
-    if not existing.is_dir():
-        raise UsageError(f"--out {out}: {existing} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".loraredux-probe-"):
-            pass
-    except OSError as err:
-        raise UsageError(
-            f"--out {out}: cannot write in {existing} ({err.strerror or err}); choose a writable folder"
-        ) from None
-
-
-# The options that decide a run's trajectory: a --resume must give the same (the rest, e.g. --eval-examples or
-# --no-progress, may change). Compared before anything is loaded; `fit` checks the resolved TrainConfig too.
-_TRAJECTORY = (
-    "model", "data", "batch_size", "max_length", "train_examples", "seed", "method", "targets",
-    "exclude", "rank", "alpha", "dropout", "rslora", "init", "init_option", "calibration_batches",
-    "field", "optimizer", "optimizer_option", "recommendation", "steps", "lr",
-    "text_column", "label_column", "messages_column",
-)  # fmt: skip
-
-
-def _signature(args: argparse.Namespace, cfg: Any, patterns: dict[str, Any]) -> dict[str, Any]:
-    """What of the command decides the trajectory, as JSON: its options and the method config they give."""
-    sig: dict[str, Any] = {}
-    for name in _TRAJECTORY:
-        value = getattr(args, name)
-        if isinstance(value, Path):
-            value = str(value)
-        elif name in ("init_option", "field", "optimizer_option"):
-            value = [[k, v] for k, v in value]
-        sig[name] = value
-    return sig | {"config": cfg.to_dict(), "patterns": patterns}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _check_resume(args: argparse.Namespace, signature: dict[str, Any]) -> Any:
-    """The checkpoint --resume continues (`checkpoint.Found`), or a usage error: none, or other options."""
-    import json
-
-    from loraredux import checkpoint
-
-    found = checkpoint.find(args.out)
-    if found is None:
-        raise UsageError(
-            f"--resume: no checkpoint in {args.out / 'checkpoint'}; start the run with --save-every N "
-            f"--out {args.out}"
-        )
-    saved = found.config.get("signature") or {}
-    differ = [
-        f"{_flag(k)} {json.dumps(saved.get(k))} there, {json.dumps(signature.get(k))} here"
-        for k in _TRAJECTORY
-        if json.dumps(saved.get(k)) != json.dumps(signature.get(k))
-    ]
-    if not differ and json.dumps(saved.get("config")) != json.dumps(signature["config"]):
-        differ.append("the method config (from --recommendation)")
-    if differ:
-        raise UsageError(
-            f"--resume: {found.path} was written by a run with other options ({'; '.join(differ)}); "
-            "resume with that run's options, or start a new run in another --out"
-        )
-    return found
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[Callable[[], bool]]:
-    """Within the block, a first Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current step, where
-    `fit` writes a checkpoint to resume from; a second Ctrl-C stops at once. Yields the question `fit` asks."""
-    import signal
-
-    asked = {"stop": False}
-
-    def handler(signum: int, frame: Any) -> None:
-        if asked["stop"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        asked["stop"] = True
-        name = signal.Signals(signum).name
-        print(
-            f"{name}: stopping after this step, with a checkpoint (Ctrl-C again: at once)",
-            file=sys.stderr,
-        )
-
-    if (
-        threading.current_thread() is not threading.main_thread()
-    ):  # only the main thread may set handlers
-        yield lambda: False
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: asked["stop"]
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
-    """The one line `main` prints on Ctrl-C: where the last checkpoint is and the command that resumes."""
-    import shlex
-
-    from loraredux import checkpoint
-
-    if args.out is None:  # before the run began
-        return "interrupted before training began; nothing was written"
-    found = checkpoint.find(args.out)
-    if found is None:
-        return (
-            f"interrupted before the first checkpoint; nothing was written to {args.out / 'checkpoint'} "
-            "(run the same command again to start over)"
-        )
-    again = list(argv) + ([] if args.resume else ["--resume"])
-    if "--out" not in argv:  # the folder chosen for the run
-        again += ["--out", str(args.out)]
-    again = [a for a in again if a != "--overwrite"]
-    return (
-        f"interrupted; the last checkpoint is {found.path} (step {found.step}); resume with: "
-        f"loraredux {shlex.join(again)}"
-    )
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -424,16 +262,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"unknown --optimizer {args.optimizer!r}; choose from {lx.optim.available()}"
         )
     if args.out is None:
-        args.out = _default_out(args)
+        args.out = default_out(args)
         print(f"writing to {args.out}/ (--out DIR chooses the folder)")
-    _check_out(args.out)
-    signature = _signature(args, cfg, patterns)
+    check_out(args.out)
+    signature = run_signature(args, cfg, patterns)
     save_every = args.save_every
     if args.resume:
-        found = _check_resume(args, signature)
+        found = check_resume(args, signature)
         save_every = save_every or found.config.get("checkpoint_every")
     else:
-        _check_earlier_run(args.out, args.overwrite)
+        check_earlier_run(args.out, args.overwrite)
     save_every = save_every or SAVE_EVERY
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -494,7 +332,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         print(f"resuming from {found.path} (step {found.step} of {steps})")
     try:
-        with _stop_on_signals() as asked:
+        with stop_on_signals() as asked:
             result = fit(
                 model,
                 task.batches,
