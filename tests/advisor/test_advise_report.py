@@ -387,7 +387,7 @@ def test_over_two_seeds_only_a_difference_beyond_the_spread_is_evidence():
         "the two, 0.02: prefer it."
     ) in text
     # the same sentences for the command line
-    from loraredux.advisor.report import compare_runs
+    from loraredux.advisor.verdicts import compare_runs
 
     assert " ".join(compare_runs(rec["verify"])) in text
     assert compare_runs(None) == []

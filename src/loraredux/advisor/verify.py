@@ -14,7 +14,7 @@ each configuration trains at each rate and is compared at its best, as the bench
 
 Seeds: with `seeds=N` (`--seeds N`) every configuration trains at seeds `seed`, ..., `seed + N - 1` (N times the
 cost); its metric is the mean over the seeds, and its seed spread (the largest minus the smallest) is kept. The report
-(`report.compare_runs`) calls a difference evidence only when at least 2 seeds were run and it exceeds the larger seed
+(`verdicts.compare_runs`) calls a difference evidence only when at least 2 seeds were run and it exceeds the larger seed
 spread of the two runs compared; otherwise, and always with one seed (the default, today's cost), it says the
 difference is within seed noise.
 

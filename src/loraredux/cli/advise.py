@@ -140,7 +140,7 @@ def _print(rec: Any) -> None:
     from collections import Counter
 
     from loraredux.advisor.formatting import rank_summary
-    from loraredux.advisor.report import compare_runs, memory_check
+    from loraredux.advisor.verdicts import compare_runs, memory_check
 
     def plain(text: str) -> str:  # the report's Markdown marks, for a terminal
         return text.replace("**", "").replace("`", "")
