@@ -445,22 +445,39 @@ def test_verbose_anywhere_adds_the_traceback_to_the_one_line(tmp_path, capsys, w
     assert capsys.readouterr().err.count("\n") == 1  # without -v: the one line only
 
 
-def test_a_damaged_adapter_file_is_one_line_in_inspect_and_merge(tmp_path, capsys):
+@pytest.mark.parametrize("keep", [-7, 40], ids=["tail-cut", "header-cut"])
+@pytest.mark.parametrize("named_base", [True, False], ids=["--model", "config's base"])
+def test_a_damaged_adapter_file_is_one_line_before_the_base_loads(
+    tmp_path, capsys, monkeypatch, keep, named_base
+):
+    import transformers
+
     base = tiny_bert()
     base.save_pretrained(tmp_path / "base")
     model = lx.adapt_(base, lx.config("lora", rank=2), ["query", "value"])
     directory = lx.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    (directory / "adapter_config.json").write_text(json.dumps(config))
     weights = directory / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-7])  # truncated
+    weights.write_bytes(weights.read_bytes()[:keep])  # truncated
+    capsys.readouterr()  # save_pretrained's own bar
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the adapter's files were checked")
+
+    for auto in ("AutoModel", "AutoModelForSequenceClassification", "AutoModelForCausalLM"):
+        monkeypatch.setattr(getattr(transformers, auto), "from_pretrained", loaded)
+    model_arg = ["--model", str(tmp_path / "base")] if named_base else []
     for argv in (
         ["inspect", str(directory)],
         ["merge", str(directory), "--out", str(tmp_path / "m")],
     ):
-        assert main([*argv, "--model", str(tmp_path / "base")]) == 2
-        err = capsys.readouterr().err  # transformers' own loading bars may come first
-        assert "Traceback" not in err
-        assert err.strip().splitlines()[-1].startswith("error: "), err
+        assert main([*argv, *model_arg]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
         assert "adapter_model.safetensors" in err and "truncated" in err
+    assert not (tmp_path / "m").exists()
 
 
 def test_ctrl_c_in_bench_says_the_same_command_continues(tmp_path, monkeypatch, capsys):
@@ -585,6 +602,53 @@ def test_bench_takes_no_progress(tmp_path, monkeypatch, capsys, flag, shown):
     monkeypatch.setattr(loraredux.bench, "run_trials", record)
     assert main(["bench", "sp", "--quick", "--out", str(tmp_path), *flag]) == 0
     assert seen["progress"] is shown
+
+
+@pytest.mark.parametrize(("flag", "shown"), [([], True), (["--no-progress"], False)])
+def test_merge_shows_transformers_bars_only_in_a_terminal_without_no_progress(
+    tmp_path, monkeypatch, capsys, flag, shown
+):
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    directory = lx.save_adapter(lx.adapt_(base, lx.config("lora", rank=2), ["query"]), tmp_path / "a")
+    capsys.readouterr()
+    argv = ["merge", str(directory), "--out", str(tmp_path / "m"), "--model", str(tmp_path / "base")]
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)  # as in a terminal
+    assert main([*argv, *flag]) == 0
+    assert ("Writing model shards" in capsys.readouterr().err) is shown
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # restored after
+
+
+def test_an_adapter_without_task_type_merges_onto_the_class_the_base_folder_names(tmp_path, capsys):
+    """PEFT's task_type is optional (and left out where the head is part of the base): the base folder's
+    config.json names the class whose module paths the adapter's keys use."""
+    from transformers import BertForSequenceClassification
+
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    model = lx.adapt_(base, lx.config("lora", rank=2), ["query"])
+    with torch.no_grad():
+        for p in lx.trainable_parameters(model).values():
+            p.normal_()  # a nonzero update (B starts at zero)
+    directory = lx.save_adapter(model, tmp_path / "a")
+    assert json.loads((directory / "adapter_config.json").read_text()).get("task_type") is None
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    argv = ["merge", str(directory), "--out", str(tmp_path / "m"), "--model", str(tmp_path / "base")]
+    assert main(argv) == 0
+    merged = BertForSequenceClassification.from_pretrained(tmp_path / "m").double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("command", ["train", "advise", "bench", "inspect", "merge"])
+def test_every_working_command_takes_no_progress(command):
+    required = {"inspect": ["d"], "merge": ["d", "--out", "o"], "bench": ["sp"]}
+    args = build_parser().parse_args([command, *required.get(command, []), "--no-progress"])
+    assert args.no_progress is True
 
 
 @pytest.mark.parametrize("command", ["train", "advise", "bench", "inspect", "merge"])

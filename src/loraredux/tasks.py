@@ -15,10 +15,11 @@ The CLI's `train` and the benchmark harness share these, so a number in a benchm
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "build_task",
     "classification_task",
     "language_modeling_task",
+    "quiet_loading",
 ]
 
 Batch = dict[str, Tensor]
@@ -286,19 +288,27 @@ def build_task(
         ValueError: an unknown data set, bad data in a file (naming the file, the row and the column), a model
             that does not fit the data, or a model that is neither packaged nor a folder.
     """
-    from transformers.utils import logging as hf_logging
-
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    if not progress or not sys.stderr.isatty():  # as tqdm's disable=None: no bars in a log
-        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
-    # transformers' load report lists the newly drawn head's weights as MISSING: expected here, noise in a log
-    hf_logging.set_verbosity_error()
     columns = {"text_column": text_column, "label_column": label_column,
                "messages_column": messages_column, "eval_split": eval_split,
                "eval_fraction": eval_fraction}  # fmt: skip
-    try:
+    with quiet_loading(progress):
         return _build_task(model, data, train_examples, eval_examples, batch_size, max_length,
                            max_tokens, seed, progress, columns)  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_loading(progress: bool = True) -> Iterator[None]:
+    """While loading a model with transformers: its "Loading weights" bar only in a terminal and when `progress`
+    (as tqdm's disable=None: no bars in a log), and no load report, which lists a newly drawn head's weights as
+    MISSING (expected here, noise in a log). Both settings are restored after."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    if not progress or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

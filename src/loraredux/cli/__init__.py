@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         # Library errors are written for people: show them without a traceback.
         _error(err, args.verbose)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`loraredux inspect DIR | head`): no message, as other command-line tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (FloatingPointError, OSError) as err:
         # A run that diverged, a disk that filled, a file that could not be read: no bug, one line.
         _error(err, args.verbose)

@@ -28,6 +28,7 @@ def add_adapter_commands(sub: Any) -> None:
         "--model", default=None, help="base model folder (default: the one the adapter names)"
     )
     p.add_argument("--top", type=positive_int, default=5, help="how many singular values to show")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser(
@@ -41,6 +42,7 @@ def add_adapter_commands(sub: Any) -> None:
     p.add_argument(
         "--model", default=None, help="base model folder (default: the one the adapter names)"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_merge)
 
     p = sub.add_parser("methods", help="list the registered adapter methods and their fields")
@@ -58,12 +60,14 @@ def add_adapter_commands(sub: Any) -> None:
     p.set_defaults(run=_cmd_optimizers)
 
 
-def _load_base(adapter_dir: Path, model_arg: str | None) -> Any:
-    """The bare base model an adapter directory was trained on (or `--model`)."""
+def _load_base(adapter_dir: Path, model_arg: str | None, progress: bool) -> Any:
+    """The bare base model an adapter directory was trained on (or `--model`). The adapter's files are read and
+    checked first: a damaged or missing file is one error line before any model is loaded."""
     from loraredux import assets
-    from loraredux.io import read_adapter_config
+    from loraredux.io import read_adapter
+    from loraredux.tasks import quiet_loading
 
-    cfg = read_adapter_config(adapter_dir)
+    cfg, tensors = read_adapter(adapter_dir)
     source = model_arg or cfg.get("base_model_name_or_path")
     if source in ("minilm", "smollm2"):
         source = str(assets.minilm_dir() if source == "minilm" else assets.smollm2_dir())
@@ -78,24 +82,21 @@ def _load_base(adapter_dir: Path, model_arg: str | None) -> Any:
     kwargs: dict[str, Any] = {}
     if task == "SEQ_CLS":
         auto = transformers.AutoModelForSequenceClassification
-        kwargs["num_labels"] = _num_labels(adapter_dir)
+        kwargs["num_labels"] = next(
+            (t.shape[0] for k, t in tensors.items() if k.endswith("classifier.weight")), 2
+        )
     elif task == "CAUSAL_LM":
         auto = transformers.AutoModelForCausalLM
     else:
-        auto = transformers.AutoModel
-    return auto.from_pretrained(source, **kwargs), source
-
-
-def _num_labels(adapter_dir: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as fh:
-        for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-            if key.rsplit(".", 2)[-2:] == ["classifier", "weight"] or key.endswith(
-                "classifier.weight"
-            ):
-                return fh.get_slice(key).get_shape()[0]
-    return 2
+        # No task type (PEFT's is optional; loraredux leaves it out where the head is part of the base): the class
+        # the base folder's config.json names, e.g. BertForSequenceClassification, whose keys the adapter uses.
+        names = transformers.AutoConfig.from_pretrained(source).architectures or []
+        auto = next(
+            (getattr(transformers, n) for n in names if hasattr(transformers, n)),
+            transformers.AutoModel,
+        )
+    with quiet_loading(progress):
+        return auto.from_pretrained(source, **kwargs), source
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -104,7 +105,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import loraredux as lx
     from loraredux.verbs import saved_modules
 
-    model, _ = _load_base(args.directory, args.model)
+    model, _ = _load_base(args.directory, args.model, not args.no_progress)
     lx.load_adapter(model, args.directory)
     layers = list(lx.adapters(model))
     methods = sorted({a.config.method for _, a in layers})
@@ -141,17 +142,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     import loraredux as lx
     from loraredux.io.atomic import usual_permissions
+    from loraredux.tasks import quiet_loading
 
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; choose a new folder")
-    model, source = _load_base(args.directory, args.model)
+    model, source = _load_base(args.directory, args.model, not args.no_progress)
     lx.load_adapter(model, args.directory)
     lx.merge_(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        model.save_pretrained(tmp)
+        with quiet_loading(not args.no_progress):  # transformers' "Writing model shards" bar
+            model.save_pretrained(tmp)
         try:
             from transformers import AutoTokenizer
 
