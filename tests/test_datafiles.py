@@ -280,30 +280,39 @@ def chat_llama_folder(tmp_path):
     return folder, tok
 
 
-def test_chat_is_rendered_with_the_models_template_and_evaluated_on_held_out_conversations(
-    tmp_path,
-):
+def test_chat_is_rendered_with_the_models_template_and_learns_the_assistants_tokens(tmp_path):
     folder, tok = chat_llama_folder(tmp_path)
     train = write(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 4])
     net, task, name = tasks.build_task(
-        str(folder), str(train), max_length=4, eval_fraction=0.25, eval_examples=100, progress=False
+        str(folder), str(train), eval_fraction=0.25, batch_size=64, progress=False
     )
-    assert name == str(train) and task.kind == "causal-lm" and task.info["kind"] == "chat"
+    assert name == str(train) and task.kind == "causal-lm"
+    assert task.info["kind"] == "chat" and task.info["loss_on"] == "assistant tokens"
     data = read_data(train, eval_fraction=0.25)
-
-    def stream(convs):
-        ids = []
-        for c in convs:
-            ids += tok(tok.apply_chat_template(c, tokenize=False))["input_ids"] + [2]
-        return ids[: len(ids) // 4 * 4]
-
-    train_ids = torch.tensor(stream(data.train)).view(-1, 4)
-    assert task.train_size == train_ids.shape[0]
-    seen = {tuple(r.tolist()) for i in range(8) for r in task.batches(i)["input_ids"]}
-    assert seen <= {tuple(r.tolist()) for r in train_ids}
-    # "user : hi assistant : hello there": the template, word by word, then the end token
-    assert stream([CHATS[0]])[:4] == tok("user : hi assistant")["input_ids"]
+    # the system/user-only conversation has nothing to learn: left out of both
+    replying = [c for c in data.train if c[-1]["role"] == "assistant"]
+    assert task.info["conversations"]["train"] == task.train_size == len(replying)
+    batch = task.batches(0)
+    rendered = {tok.apply_chat_template(c, tokenize=False).strip() for c in replying}
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        assert tok.decode(ids[mask.bool()]) in rendered
+        # this template has no generation prompt: the assistant's header is the assistant's to write
+        assert tok.decode(labels[labels != -100]).startswith("assistant : ")
     assert task.evaluate(net)["perplexity"] > 1
+
+
+def test_train_on_prompt_is_refused_for_data_that_is_not_chat_before_a_model_loads(
+    tmp_path, monkeypatch
+):
+    from loraredux import assets
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(assets, "load_smollm2", load)
+    data = write(tmp_path / "t.jsonl", [{"text": "a b c"}] * 4)
+    with pytest.raises(ValueError, match=r"applies to chat data; .*t.jsonl is text"):
+        tasks.build_task("smollm2", str(data), train_on_prompt=True)
 
 
 def test_a_classification_file_sets_the_heads_classes_and_names(tmp_path, monkeypatch):
@@ -468,4 +477,5 @@ def test_advise_verify_reads_the_same_columns(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     assert (seen["model"], seen["data"]) == ("minilm", str(path))
     assert seen["columns"] == {"text_column": "review", "label_column": "sentiment",
-                               "messages_column": None, "eval_split": None, "eval_fraction": 0.25}  # fmt: skip
+                               "messages_column": None, "eval_split": None, "eval_fraction": 0.25,
+                               "train_on_prompt": False}  # fmt: skip

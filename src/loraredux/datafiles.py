@@ -8,15 +8,16 @@ Inference (explicit columns first, then the common names `text`, `label` / `labe
 
 - a label column -> classification of the text column; integer labels are the class ids as they are, string
   labels get ids in sorted order (`DataFile.label_names[i]` is the name of id i);
-- a messages column (a list of `{"role", "content"}` messages) -> causal LM on the conversations rendered with
-  the model's chat template;
+- a messages column (a list of `{"role", "content"}` messages) -> chat fine-tuning on the conversations rendered
+  with the model's chat template, the loss on the assistant's tokens (`loraredux.chat`);
 - a text column alone -> causal LM on the texts;
 - anything else (no known column, or both `messages` and `text` without a label) -> an error listing the columns
   and the options that choose.
 
 Evaluation examples: `eval_split` (a split of a saved `DatasetDict`), else `eval_fraction` of the rows held out
-with `seed`, else a saved `test` / `validation` split, else 10% held out (classification) or, for language
-modelling, held-out blocks cut from the token stream as for the packaged data sets (`DataFile.eval` is None).
+with `seed`, else a saved `test` / `validation` split, else 10% held out (classification), 10% of the
+conversations held out with seed 0 by the chat task (chat), or held-out blocks cut from the token stream as for
+the packaged data sets (text). `DataFile.eval` is None in the last two cases.
 """
 
 from __future__ import annotations
@@ -391,7 +392,11 @@ def read_data(
             f"{n_eval} of {len(values['train'])} rows held out (fraction {fraction}, seed {seed})"
         )
     if held_out is None:
-        source = "held-out blocks of the token stream"
+        source = (
+            "10% of the conversations held out (seed 0)"
+            if kind == "chat"
+            else "held-out blocks of the token stream"
+        )
     data = DataFile(where, kind, columns, train, held_out, names, num_labels, source)
     logger.info("read %s: %s", where, data.describe())
     return data

@@ -255,31 +255,37 @@ def build_task(
     messages_column: str | None = None,
     eval_split: str | None = None,
     eval_fraction: float | None = None,
+    train_on_prompt: bool = False,
 ) -> tuple[nn.Module, Task, str]:
     """A model and its task, from the packaged assets or the user's data file: what `loraredux train` and the
     benchmark suites train.
 
     A data file is read and checked (`loraredux.datafiles.read_data`) before any model is loaded, so bad data
     fails fast; its task is inferred from its columns (a label: classification with a new head of as many
-    classes; messages: causal LM on the conversations rendered with the tokenizer's chat template; a text
-    alone: causal LM). `task.info` records the file, the columns and the label mapping.
+    classes; messages: chat fine-tuning, `loraredux.chat.chat_task`, the loss on the assistant's tokens of each
+    conversation rendered with the tokenizer's chat template; a text alone: causal LM on packed blocks).
+    `task.info` records the file, the columns and the label mapping.
 
     Args:
         model: "minilm", "smollm2" or a local transformers folder (a classifier for classification, a causal LM
             for language modelling). A new classification head is drawn from torch's RNG: seed it first.
-        data: "rotten_tomatoes" (classification), "kjv" or "chat" (language modelling), or the path of a CSV,
+        data: "rotten_tomatoes" (classification), "kjv" (language modelling), "chat" (prompt/reply pairs as
+            conversations), or the path of a CSV,
             JSON Lines, Parquet file or a folder saved by `datasets`; None picks kjv for smollm2 and
             rotten_tomatoes otherwise.
         train_examples: classification: training examples sampled from the train split with `seed`.
-        eval_examples: test examples (a fixed sample, seed 0; default 1000) or held-out blocks (default 32).
-        batch_size: default 32 (classification) or 8 (language modelling).
-        max_length: truncation (classification, default 64) or block length (language modelling, default 128).
+        eval_examples: test examples (a fixed sample, seed 0; default 1000), held-out conversations (default
+            100) or held-out blocks (default 32).
+        batch_size: default 32 (classification) or 8 (language modelling, chat).
+        max_length: truncation (classification, default 64; chat, default 512) or block length (language
+            modelling, default 128).
         max_tokens: language modelling: tokens read from the start of the text (None: all of it).
         seed: the training sample and the data order.
         progress: progress bars while evaluating.
         text_column, label_column, messages_column, eval_split, eval_fraction: a data file's columns and
             evaluation examples, as `datafiles.read_data` takes them (the held-out fraction is drawn with seed
             0 whatever `seed`, so runs compare on the same examples).
+        train_on_prompt: chat: the loss on every token, not only the assistant's.
 
     Returns:
         (model, task, the data set's name or the file's path).
@@ -293,7 +299,7 @@ def build_task(
                "eval_fraction": eval_fraction}  # fmt: skip
     with quiet_loading(progress):
         return _build_task(model, data, train_examples, eval_examples, batch_size, max_length,
-                           max_tokens, seed, progress, columns)  # fmt: skip
+                           max_tokens, seed, progress, columns, train_on_prompt)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -326,21 +332,23 @@ def _build_task(
     seed: int,
     progress: bool,
     columns: dict[str, Any],
+    train_on_prompt: bool,
 ) -> tuple[nn.Module, Task, str]:
     from . import assets, datafiles
 
     _check_model(model)
     data = data or ("kjv" if model == "smollm2" else "rotten_tomatoes")
+    sizes = _Sizes(train_examples, eval_examples, batch_size, max_length, max_tokens, seed, progress,
+                   train_on_prompt)  # fmt: skip
     if data not in assets.DATASETS:
         if not datafiles.is_data_path(data):
             raise ValueError(
                 f"unknown data {data!r}; choose from {sorted(assets.DATASETS)} or give the path of a CSV, "
                 "JSON Lines or Parquet file or of a folder saved by `datasets`"
             )
-        sizes = (train_examples, eval_examples, batch_size, max_length, max_tokens)
         read = datafiles.read_data(data, **columns)
-        net, task = _file_task(model, read, *sizes, seed, progress)
-        task.info = read.describe()  # the file, its columns and its labels, for the run's record
+        net, task = _file_task(model, read, sizes)
+        task.info = {**read.describe(), **task.info}  # the file, its columns and its labels, for the record
         return net, task, data
     given = [f"{k}={v!r}" for k, v in columns.items() if v is not None]
     if given:
@@ -351,28 +359,38 @@ def _build_task(
     if data == "rotten_tomatoes":
         train, test = assets.rotten_tomatoes("train"), assets.rotten_tomatoes("test")
         packaged = datafiles.DataFile(data, "classification", {}, train, test, num_labels=2)
+    elif data == "chat":
+        chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                 for q, a in assets.chat_pairs()]  # fmt: skip
+        packaged = datafiles.DataFile(data, "chat", {}, chats, None)
     else:
-        texts = assets.kjv() if data == "kjv" else [f"{q}\n{a}" for q, a in assets.chat_pairs()]
-        packaged = datafiles.DataFile(data, "text", {}, texts, None)
-    sizes = (train_examples, eval_examples, batch_size, max_length, max_tokens)
-    net, task = _file_task(model, packaged, *sizes, seed, progress)
+        packaged = datafiles.DataFile(data, "text", {}, assets.kjv(), None)
+    net, task = _file_task(model, packaged, sizes)
     return net, task, data
 
 
-def _file_task(
-    model: str,
-    data: Any,
-    train_examples: int,
-    eval_examples: int | None,
-    batch_size: int | None,
-    max_length: int | None,
-    max_tokens: int | None,
-    seed: int,
-    progress: bool,
-) -> tuple[nn.Module, Task]:
+@dataclass(frozen=True)
+class _Sizes:
+    """build_task's sizes and options, as the caller gave them (None: the task kind's default)."""
+
+    train_examples: int
+    eval_examples: int | None
+    batch_size: int | None
+    max_length: int | None
+    max_tokens: int | None
+    seed: int
+    progress: bool
+    train_on_prompt: bool
+
+
+def _file_task(model: str, data: Any, o: _Sizes) -> tuple[nn.Module, Task]:
     """The model and task for a `datafiles.DataFile`, read and checked already."""
     from . import assets
 
+    if o.train_on_prompt and data.kind != "chat":
+        raise ValueError(
+            f"train_on_prompt (--train-on-prompt) applies to chat data; {data.path} is {data.kind}"
+        )
     if data.kind == "classification":
         if model == "smollm2":
             raise ValueError(
@@ -387,44 +405,34 @@ def _file_task(
         names = data.label_names or [str(i) for i in range(n)]
         net.config.id2label = dict(enumerate(names))
         net.config.label2id = {name: i for i, name in enumerate(names)}
-        train = random.Random(seed).sample(data.train, min(train_examples, len(data.train)))
-        test = random.Random(0).sample(data.eval, min(eval_examples or 1000, len(data.eval)))
-        task = classification_task(
-            tok,
-            train,
-            test,
-            batch_size=batch_size or 32,
-            max_length=max_length or 64,
-            seed=seed,
-            progress=progress,
+        train = random.Random(o.seed).sample(data.train, min(o.train_examples, len(data.train)))
+        test = random.Random(0).sample(data.eval, min(o.eval_examples or 1000, len(data.eval)))
+        task = classification_task(tok, train, test, batch_size=o.batch_size or 32,
+                                   max_length=o.max_length or 64, seed=o.seed,
+                                   progress=o.progress)  # fmt: skip
+        return net, task
+    if model == "minilm":
+        raise ValueError(
+            f"data {data.path} is language modelling ({data.kind}); use model smollm2 or a causal LM folder"
         )
-    else:
-        if model == "minilm":
+    net, tok = assets.load_smollm2() if model == "smollm2" else _load_folder(model, "lm")
+    if data.kind == "chat":
+        from .chat import chat_task
+
+        if not getattr(tok, "chat_template", None):
             raise ValueError(
-                f"data {data.path} is language modelling ({data.kind}); use model smollm2 or a causal LM folder"
+                f"{data.path} holds conversations but the tokenizer of model {model!r} has no chat "
+                "template to render them; use a chat model, or a text column"
             )
-        net, tok = assets.load_smollm2() if model == "smollm2" else _load_folder(model, "lm")
-        train, held_out = data.train, data.eval
-        if data.kind == "chat":
-            if not getattr(tok, "chat_template", None):
-                raise ValueError(
-                    f"{data.path} holds conversations but the tokenizer of model {model!r} has no chat "
-                    "template to render them; use a chat model, or a text column"
-                )
-            train = [tok.apply_chat_template(c, tokenize=False) for c in train]
-            if held_out is not None:
-                held_out = [tok.apply_chat_template(c, tokenize=False) for c in held_out]
-        task = language_modeling_task(
-            tok,
-            train,
-            batch_size=batch_size or 8,
-            seq_len=max_length or 128,
-            eval_blocks=eval_examples or 32,
-            max_tokens=max_tokens,
-            seed=seed,
-            progress=progress,
-            eval_texts=held_out,
-        )
+        task = chat_task(tok, data.train, data.eval, batch_size=o.batch_size or 8,
+                         max_length=o.max_length or 512, eval_examples=o.eval_examples or 100,
+                         train_on_prompt=o.train_on_prompt, seed=o.seed,
+                         progress=o.progress)  # fmt: skip
+        return net, task
+    task = language_modeling_task(tok, data.train, batch_size=o.batch_size or 8,
+                                  seq_len=o.max_length or 128, eval_blocks=o.eval_examples or 32,
+                                  max_tokens=o.max_tokens, seed=o.seed, progress=o.progress,
+                                  eval_texts=data.eval)  # fmt: skip
     return net, task
 
 

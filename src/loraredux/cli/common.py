@@ -77,7 +77,8 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="rotten_tomatoes (classification), kjv or chat (language modelling), or your own file: a CSV, "
+        help="rotten_tomatoes (classification), kjv (language modelling), chat (prompt/reply pairs), or your "
+        "own file: a CSV, "
         "JSON Lines (.jsonl/.json), Parquet file or a folder saved by `datasets` (needs loraredux[data]); "
         "its task follows its columns: a label -> classification, messages -> chat, a text alone -> "
         "language modelling; default: rotten_tomatoes for minilm, kjv for smollm2",
@@ -96,7 +97,12 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME",
         help="a data file's conversations, lists of {role, content} rendered with the model's chat template "
-        "(default: messages); makes it chat language modelling",
+        "(default: messages); makes it chat fine-tuning, the loss on the assistant's tokens",
+    )
+    p.add_argument(
+        "--train-on-prompt",
+        action="store_true",
+        help="chat: the loss on every token (system, user, template), not only the assistant's",
     )
     p.add_argument(
         "--eval-split",
@@ -109,17 +115,17 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
         type=fraction,
         default=None,
         metavar="F",
-        help="hold out this fraction of a data file's rows for evaluation (seed 0); default for "
-        "classification without an eval split: 0.1; language modelling holds out blocks instead",
+        help="hold out this fraction of a data file's rows for evaluation (seed 0); default without an "
+        "eval split: 0.1 (classification, chat); language modelling holds out blocks instead",
     )
     p.add_argument(
-        "--batch-size", type=positive_int, default=None, help="default 32 (cls) / 8 (LM)"
+        "--batch-size", type=positive_int, default=None, help="default 32 (cls) / 8 (LM, chat)"
     )
     p.add_argument(
         "--max-length",
         type=positive_int,
         default=None,
-        help="tokens per example: truncation (cls, default 64) or block size (LM, default 128)",
+        help="tokens per example: truncation (cls, default 64; chat, 512) or block size (LM, 128)",
     )
     p.add_argument(
         "--train-examples",
@@ -131,7 +137,8 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
         "--eval-examples",
         type=positive_int,
         default=None,
-        help="test snippets (classification, default 1000) or held-out blocks (LM, default 32)",
+        help="test snippets (classification, default 1000), held-out conversations (chat, 100) or "
+        "blocks (LM, 32)",
     )
     p.add_argument(
         "--seed",
@@ -143,10 +150,12 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
 
 
 COLUMN_OPTIONS = ("text_column", "label_column", "messages_column", "eval_split", "eval_fraction")
+COLUMN_OPTIONS += ("train_on_prompt",)
 
 
 def data_columns(args: argparse.Namespace) -> dict[str, Any]:
-    """The data-file options of `add_task_arguments`, as `tasks.build_task` takes them."""
+    """The data options of `add_task_arguments` (a file's columns and evaluation rows, the chat loss), as
+    `tasks.build_task` takes them."""
     return {name: getattr(args, name) for name in COLUMN_OPTIONS}
 
 

@@ -91,7 +91,7 @@ TRAJECTORY = (
     "model", "data", "batch_size", "max_length", "train_examples", "seed", "method", "targets",
     "exclude", "rank", "alpha", "dropout", "rslora", "init", "init_option", "calibration_batches",
     "field", "optimizer", "optimizer_option", "recommendation", "steps", "lr",
-    "text_column", "label_column", "messages_column",
+    "text_column", "label_column", "messages_column", "eval_split", "eval_fraction", "train_on_prompt",
 )  # fmt: skip
 
 

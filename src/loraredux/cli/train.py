@@ -297,7 +297,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         **patterns,
     )
 
-    print(f"model {args.model}, data {data}: {task.train_size} training examples")
+    what = "training examples"
+    if "loss_on" in task.info:  # chat
+        what = f"training conversations, the loss on {task.info['loss_on']}"
+    print(f"model {args.model}, data {data}: {task.train_size} {what}")
     with lx.disabled(model):  # exactly the base model
         before = task.evaluate(model.eval())
     print(f"{task.metric} before: {before[task.metric]:.4f}")
