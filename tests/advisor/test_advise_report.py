@@ -278,18 +278,19 @@ def test_markdown_holds_every_choice_with_its_value_and_reason():
 def test_markdown_layer_table_and_reasons_listed_once():
     text = render_markdown(recommendation())
     assert table_row(text, f"`{L0Q}`") == [
-        f"`{L0Q}`", "16×16", "8", "pissa", "5", "1.23e-5", "0.621 / 0.0412", "5.43", "1.23e3"
+        f"`{L0Q}`", "16×16", "8", "pissa", "5", "0.1", "1.23e-5", "0.621 / 0.0412", "5.43", "1.23e3"
     ]  # fmt: skip
     assert table_row(text, f"`{L0V}`")[2:] == [
         "4",
         "pissa",
         "2",
+        "0.1",
         "3.5e-6",
         "0.5 / 0.125",
         "4.8",
         "87.2",
     ]
-    assert table_row(text, f"`{L1Q}`")[2:] == ["8", "pissa", "—", "—", "—", "6.02", "—"]
+    assert table_row(text, f"`{L1Q}`")[2:] == ["8", "pissa", "—", "—", "—", "—", "6.02", "—"]
     # the reasons are not a column: each is listed once below the table with its layers
     assert text.count(SHARED) == 1 and text.count(LESS) == 1
     assert f"- `{L0Q}`, `{L1Q}`: {SHARED}\n" in text
@@ -440,12 +441,31 @@ def test_a_reason_shared_by_layers_is_said_once_with_its_layers():
     )
 
 
+def test_ranks_that_are_their_measured_need_share_one_explanation_and_keep_their_numbers():
+    from loraredux.advisor.report import GAVISH_DONOHO
+
+    rec = recommendation()
+    rec["layers"][L0Q]["gradient"]["needed_rank"] = 8  # rank 8: exactly what its gradient needs
+    rec["layers"][L0V]["gradient"]["needed_rank"] = 4
+    rec["layers"][L0V]["gradient"]["threshold"] = 0.0371
+    for layer in rec["layers"].values():
+        layer["rank_reason"] = f"rank {layer['rank']}: {layer['rank']} singular values above τ = ..."
+        layer["init_reason"] = "pissa: aligned"
+    rec["layers"][L1Q]["rank_reason"] = "rank 8: no calibration data"  # no gradient: its own reason
+    text = render_markdown(rec)
+    assert f"Why each layer's rank:\n\n- `{L0Q}`, `{L0V}`: {GAVISH_DONOHO}\n- `{L1Q}`: rank 8: no " in text
+    assert "singular values above τ = ..." not in text
+    assert f"| `{L0V}` | 16×16 | 4 | pissa | 4 | 0.0371 |" in text  # the threshold has its column
+    rec["layers"][L0Q]["rank_reason"] = "rank 8, capped: 9 singular values ...; the cap is 8"
+    assert "- `{L0Q}`: rank 8, capped".replace("{L0Q}", L0Q) in render_markdown(rec)
+
+
 def test_no_data_and_no_verification():
     text = render_markdown(weights_only())
     assert text.startswith("# Adapter advice: minilm\n")
     assert "without calibration data" in text and "no gradient was measured" in text
     assert "## Verification" not in text and "(best)" not in text
-    assert table_row(text, f"`{L0Q}`")[4:] == ["—", "—", "—", "5.43", "—"]
+    assert table_row(text, f"`{L0Q}`")[4:] == ["—", "—", "—", "—", "5.43", "—"]
     assert f"- All 3 layers: {UNMEASURED}\n" in text
 
 

@@ -208,6 +208,21 @@ def _grouped(reasons: Mapping[str, list[str]], total: int) -> list[str]:
     ]
 
 
+# The rank reason of every layer whose rank is its measured need, said once: the numbers are the table's.
+GAVISH_DONOHO = "the rank its gradient needs (the table's needed rank, measured as said above the table)"
+
+
+def _as_measured(layer: Mapping[str, Any]) -> bool:
+    """Whether the layer's rank is exactly its measured need (not a default, a minimum or a cap)."""
+    rank, g = layer.get("rank"), layer.get("gradient") or {}
+    return (
+        rank is not None
+        and g.get("needed_rank") == rank
+        and g.get("threshold") is not None
+        and str(layer.get("rank_reason", "")).startswith(f"rank {rank}: ")
+    )
+
+
 def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
     layers = rec["layers"]
     default = rec["config"].get("rank")
@@ -230,8 +245,9 @@ def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
         else "; no gradient was measured."
     )
     summary += (
-        " Needed rank: the number of the mean gradient's singular values above its Gavish-Donoho threshold. "
-        "Gradient noise: the per-entry noise level of the mean gradient, from two halves of the batches. "
+        " Needed rank: the number of the mean gradient's singular values above its Gavish-Donoho threshold τ, "
+        "the optimal hard threshold for its noise. Gradient noise: the per-entry noise level σ of the mean "
+        "gradient, from two halves of the batches. "
         "Alignment: the overlap of the gradient's top singular subspace with W0's principal / minor one "
         "(1: the same; k/n for unrelated ones). Effective rank: Roy-Vetterli's, of W0. Input κ: the condition "
         "number of the layer's input covariance."
@@ -243,8 +259,8 @@ def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
             f" {len(others)} layers list an init other than the config's ({init}); the call above "
             f"initialises every layer with {init}."
         )
-    head = ["layer", "shape", "rank", "init", "needed rank (Gavish-Donoho)", "gradient noise",
-            "principal / minor alignment", "W0 effective rank", "input κ"]  # fmt: skip
+    head = ["layer", "shape", "rank", "init", "needed rank (Gavish-Donoho)", "threshold τ",
+            "gradient noise", "principal / minor alignment", "W0 effective rank", "input κ"]  # fmt: skip
     rows = []
     for path, layer in layers.items():
         g = layer.get("gradient") or {}
@@ -259,6 +275,7 @@ def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
             format_number(layer.get("rank")),
             str(layer.get("init") or DASH),
             format_number(g.get("needed_rank")),
+            format_number(g.get("threshold")),
             format_number(g.get("noise")),
             align,
             format_number((layer.get("weight") or {}).get("effective_rank")),
@@ -271,7 +288,8 @@ def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
         reasons: dict[str, list[str]] = {}
         for path, layer in layers.items():
             if layer.get(key):
-                reasons.setdefault(str(layer[key]), []).append(path)
+                reason = GAVISH_DONOHO if key == "rank_reason" and _as_measured(layer) else layer[key]
+                reasons.setdefault(str(reason), []).append(path)
         if reasons:
             blocks += [("p", title), ("list", _grouped(reasons, len(layers)))]
     return blocks + [
