@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from loraredux.chat import IGNORE, assistant_mask, chat_task
 from tiny_models import tiny_llama
 
-WORDS = "system user assistant : be brief hi hello there how are you fine thanks bye ok <eos>".split()
+WORDS = ["system", "user", "assistant", ":", "be", "brief", "hi", "hello", "there", "how", "are", "you",
+         "fine", "thanks", "bye", "ok", "<eos>"]  # fmt: skip
 # A ChatML-like template: each turn ends with <eos>; the generation prompt is the assistant's header.
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
@@ -49,15 +50,23 @@ def test_the_assistant_tokens_are_each_turns_content_and_end_marker_not_its_head
         "system : be brief <eos> user : hi <eos> assistant : hello there <eos> "
         "user : how are you <eos> assistant : fine thanks <eos>"
     )
-    assert words(tok, [t for t, m in zip(ids, mask) if m]) == "hello there <eos> fine thanks <eos>"
+    assert (
+        words(tok, [t for t, m in zip(ids, mask, strict=True) if m])
+        == "hello there <eos> fine thanks <eos>"
+    )
     short, cut = assistant_mask(tok, CHAT, max_length=13)
     assert short == ids[:13] and cut == mask[:13]
 
 
 def test_a_template_without_a_generation_prompt_counts_the_header_as_the_assistants():
-    tok = word_tokenizer("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}")
+    tok = word_tokenizer(
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+    )
     ids, mask = assistant_mask(tok, CHAT[1:3])
-    assert words(tok, [t for t, m in zip(ids, mask) if m]) == "assistant : hello there <eos>"
+    assert (
+        words(tok, [t for t, m in zip(ids, mask, strict=True) if m])
+        == "assistant : hello there <eos>"
+    )
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_way_out():
@@ -90,7 +99,7 @@ def test_the_loss_is_the_mean_negative_log_likelihood_of_the_assistant_tokens():
         loss = task.loss_fn(model, batch)
         logp = F.log_softmax(model(input_ids=batch["input_ids"]).logits, -1)
     by_hand = []
-    for row, ids, labels in zip(logp, batch["input_ids"], batch["labels"]):
+    for row, ids, labels in zip(logp, batch["input_ids"], batch["labels"], strict=True):
         for t in range(1, len(ids)):
             if labels[t] != IGNORE:
                 assert labels[t] == ids[t]  # only a real token is a target
@@ -105,7 +114,9 @@ def test_perplexity_weights_every_held_out_assistant_token_alike_whatever_the_ba
     evals = conversations(7)  # replies of 2, 2, 2, 1, 1 words: batches hold unequal token counts
     one = chat_task(tok, conversations(6), evals, batch_size=1, progress=False).evaluate(model)
     three = chat_task(tok, conversations(6), evals, batch_size=3, progress=False).evaluate(model)
-    assert one["loss"] == pytest.approx(three["loss"], rel=1e-6)  # token-weighted, not a mean of batch means
+    assert one["loss"] == pytest.approx(
+        three["loss"], rel=1e-6
+    )  # token-weighted, not a mean of batch means
     assert one["perplexity"] == pytest.approx(torch.tensor(one["loss"]).exp().item())
 
 
@@ -130,7 +141,10 @@ def test_held_out_conversations_default_to_a_seeded_tenth_and_never_train():
 
 def test_conversations_with_nothing_to_learn_within_the_cut_are_left_out_with_a_warning(caplog):
     tok = word_tokenizer()
-    long_prompt = [{"role": "user", "content": "how are you " * 5}, {"role": "assistant", "content": "ok"}]
+    long_prompt = [
+        {"role": "user", "content": "how are you " * 5},
+        {"role": "assistant", "content": "ok"},
+    ]
     no_reply = [{"role": "user", "content": "hi"}]
     with caplog.at_level(logging.WARNING, logger="loraredux.chat"):
         task = chat_task(tok, [*conversations(4), long_prompt, no_reply], conversations(2),

@@ -610,9 +610,18 @@ def test_merge_shows_transformers_bars_only_in_a_terminal_without_no_progress(
 ):
     base = tiny_bert()
     base.save_pretrained(tmp_path / "base")
-    directory = lx.save_adapter(lx.adapt_(base, lx.config("lora", rank=2), ["query"]), tmp_path / "a")
+    directory = lx.save_adapter(
+        lx.adapt_(base, lx.config("lora", rank=2), ["query"]), tmp_path / "a"
+    )
     capsys.readouterr()
-    argv = ["merge", str(directory), "--out", str(tmp_path / "m"), "--model", str(tmp_path / "base")]
+    argv = [
+        "merge",
+        str(directory),
+        "--out",
+        str(tmp_path / "m"),
+        "--model",
+        str(tmp_path / "base"),
+    ]
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)  # as in a terminal
     assert main([*argv, *flag]) == 0
     assert ("Writing model shards" in capsys.readouterr().err) is shown
@@ -637,7 +646,14 @@ def test_an_adapter_without_task_type_merges_onto_the_class_the_base_folder_name
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    argv = ["merge", str(directory), "--out", str(tmp_path / "m"), "--model", str(tmp_path / "base")]
+    argv = [
+        "merge",
+        str(directory),
+        "--out",
+        str(tmp_path / "m"),
+        "--model",
+        str(tmp_path / "base"),
+    ]
     assert main(argv) == 0
     merged = BertForSequenceClassification.from_pretrained(tmp_path / "m").double().eval()
     with torch.no_grad():

@@ -294,7 +294,9 @@ def test_chat_is_rendered_with_the_models_template_and_learns_the_assistants_tok
     assert task.info["conversations"]["train"] == task.train_size == len(replying)
     batch = task.batches(0)
     rendered = {tok.apply_chat_template(c, tokenize=False).strip() for c in replying}
-    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+    for ids, mask, labels in zip(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True
+    ):
         assert tok.decode(ids[mask.bool()]) in rendered
         # this template has no generation prompt: the assistant's header is the assistant's to write
         assert tok.decode(labels[labels != -100]).startswith("assistant : ")

@@ -32,7 +32,9 @@ EVAL_FRACTION = 0.1  # held out (seed 0) when no evaluation conversations are gi
 
 
 def _render(tokenizer: Any, messages: Conversation, prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=prompt)
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=prompt
+    )
 
 
 def _assistant_spans(tokenizer: Any, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
@@ -158,7 +160,9 @@ def chat_task(
         train = [c for i, c in enumerate(train) if i not in held]
     evals = list(eval_conversations)
     if len(evals) > eval_examples:
-        evals = [evals[i] for i in sorted(random.Random(0).sample(range(len(evals)), eval_examples))]
+        evals = [
+            evals[i] for i in sorted(random.Random(0).sample(range(len(evals)), eval_examples))
+        ]
     train_rows, dropped = _rows(tokenizer, train, max_length, train_on_prompt)
     eval_rows, eval_dropped = _rows(tokenizer, evals, max_length, train_on_prompt)
     what = "tokens" if train_on_prompt else "assistant tokens"
@@ -197,6 +201,7 @@ def chat_task(
         return {"perplexity": math.exp(nll), "loss": nll}
 
     learned = sum(sum(t != IGNORE for t in labels[1:]) for _, labels in train_rows)
+    counts = {"train": len(train_rows), "eval": len(eval_rows), "dropped": dropped + eval_dropped}
     return Task(
         kind="causal-lm",
         metric="perplexity",
@@ -206,8 +211,9 @@ def chat_task(
         evaluate=evaluate,
         train_size=len(train_rows),
         default_targets=["q_proj", "v_proj"],
-        info={"loss_on": "every token" if train_on_prompt else "assistant tokens",
-              "conversations": {"train": len(train_rows), "eval": len(eval_rows),
-                                "dropped": dropped + eval_dropped},
-              "learned_tokens": learned},  # fmt: skip
+        info={
+            "loss_on": "every token" if train_on_prompt else "assistant tokens",
+            "conversations": counts,
+            "learned_tokens": learned,
+        },
     )

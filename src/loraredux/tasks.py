@@ -348,7 +348,10 @@ def _build_task(
             )
         read = datafiles.read_data(data, **columns)
         net, task = _file_task(model, read, sizes)
-        task.info = {**read.describe(), **task.info}  # the file, its columns and its labels, for the record
+        task.info = {
+            **read.describe(),
+            **task.info,
+        }  # the file, its columns and its labels, for the record
         return net, task, data
     given = [f"{k}={v!r}" for k, v in columns.items() if v is not None]
     if given:

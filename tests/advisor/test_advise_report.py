@@ -449,11 +449,16 @@ def test_ranks_that_are_their_measured_need_share_one_explanation_and_keep_their
     rec["layers"][L0V]["gradient"]["needed_rank"] = 4
     rec["layers"][L0V]["gradient"]["threshold"] = 0.0371
     for layer in rec["layers"].values():
-        layer["rank_reason"] = f"rank {layer['rank']}: {layer['rank']} singular values above τ = ..."
+        layer["rank_reason"] = (
+            f"rank {layer['rank']}: {layer['rank']} singular values above τ = ..."
+        )
         layer["init_reason"] = "pissa: aligned"
     rec["layers"][L1Q]["rank_reason"] = "rank 8: no calibration data"  # no gradient: its own reason
     text = render_markdown(rec)
-    assert f"Why each layer's rank:\n\n- `{L0Q}`, `{L0V}`: {GAVISH_DONOHO}\n- `{L1Q}`: rank 8: no " in text
+    assert (
+        f"Why each layer's rank:\n\n- `{L0Q}`, `{L0V}`: {GAVISH_DONOHO}\n- `{L1Q}`: rank 8: no "
+        in text
+    )
     assert "singular values above τ = ..." not in text
     assert f"| `{L0V}` | 16×16 | 4 | pissa | 4 | 0.0371 |" in text  # the threshold has its column
     rec["layers"][L0Q]["rank_reason"] = "rank 8, capped: 9 singular values ...; the cap is 8"

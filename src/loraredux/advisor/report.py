@@ -209,7 +209,9 @@ def _grouped(reasons: Mapping[str, list[str]], total: int) -> list[str]:
 
 
 # The rank reason of every layer whose rank is its measured need, said once: the numbers are the table's.
-GAVISH_DONOHO = "the rank its gradient needs (the table's needed rank, measured as said above the table)"
+GAVISH_DONOHO = (
+    "the rank its gradient needs (the table's needed rank, measured as said above the table)"
+)
 
 
 def _as_measured(layer: Mapping[str, Any]) -> bool:
@@ -288,7 +290,9 @@ def _layers(rec: Mapping[str, Any], available: Sequence[str]) -> list[Block]:
         reasons: dict[str, list[str]] = {}
         for path, layer in layers.items():
             if layer.get(key):
-                reason = GAVISH_DONOHO if key == "rank_reason" and _as_measured(layer) else layer[key]
+                reason = (
+                    GAVISH_DONOHO if key == "rank_reason" and _as_measured(layer) else layer[key]
+                )
                 reasons.setdefault(str(reason), []).append(path)
         if reasons:
             blocks += [("p", title), ("list", _grouped(reasons, len(layers)))]
