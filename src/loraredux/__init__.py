@@ -5,7 +5,7 @@ lx.adapt_(model, lx.config("lora", rank=8, alpha=16), targets=["q_proj", "v_proj
 rec = lx.advise(model, batches, loss_fn)     # measured rank per layer, init, optimizer, method, base format
 """
 
-from . import assets, init, optim, tasks, train
+from . import assets, init, optim, quant, tasks, train
 from .adapters import LoRA, LoRAConfig
 from .advisor import Recommendation, advise
 from .core import (
@@ -18,6 +18,7 @@ from .core import (
     register,
 )
 from .io import load_adapter, save_adapter
+from .quant import quantize_
 from .verbs import (
     adapt_,
     adapter_state_dict,
@@ -57,6 +58,8 @@ __all__ = [
     "merge_",
     "optim",
     "penalty",
+    "quant",
+    "quantize_",
     "register",
     "save_adapter",
     "tasks",

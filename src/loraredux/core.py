@@ -97,6 +97,11 @@ class AdapterConfig:
     identity_at_init: ClassVar[bool] = True
     #: The base-layer kinds (`BaseView.kind`) the method supports; the contract suite covers each.
     base_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
+    #: The quantized base formats (`BaseView.format`: "nf4", "fp4", "int8") the method runs on. A method whose
+    #: computation cannot work from a dequantized W0 and the layer's own forward narrows it, and says why in
+    #: `quantized_reason`; the contract suite covers each format it keeps and checks that it refuses the others.
+    quantized_formats: ClassVar[tuple[str, ...]] = ("nf4", "fp4", "int8")
+    quantized_reason: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         rank = getattr(self, "rank", None)
@@ -256,6 +261,13 @@ class Adapter(nn.Module):
                 f"{config.method} does not support a {type(base).__name__} base "
                 f"(it supports {', '.join(config.base_kinds)} layers)"
             )
+        fmt = self.view.format
+        if fmt is not None and fmt not in config.quantized_formats:
+            why = f": {config.quantized_reason}" if config.quantized_reason else ""
+            raise TypeError(
+                f"{config.method} cannot adapt a {fmt} quantized base ({type(base).__name__}){why}; it runs on "
+                f"{', '.join(config.quantized_formats) or 'no quantized format'} and on dense layers"
+            )
         try:
             config.check_shape(self.view.in_features, self.view.out_features)
         except ValueError as err:
@@ -330,14 +342,16 @@ class Adapter(nn.Module):
 
     def released(self) -> nn.Module:
         """The base layer as it was before adaptation (`lx.unadapt_` puts it back): base tensors that a load
-        overwrote (`load_base_tensors_`) get their kept values back. Methods whose initialisation moved the base
-        weight restore it here too."""
+        overwrote (`load_base_tensors_`) get their kept values back, and a quantized base whose weight was replaced
+        gets its original weight back, bit for bit (`BaseView.restore`). Methods whose initialisation moved a dense
+        base weight restore it here too."""
         kept = self.__dict__.pop("_kept_base", {})
         if kept:
             targets = self.base.state_dict(keep_vars=True)
             with torch.no_grad():
                 for buffer, name in kept.items():
                     targets[name].copy_(self._buffers.pop(buffer))
+        self.view.restore()
         return self.base
 
     def before_load_(self) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import init as inits
 from .bases import view_of
 from .core import Adapter, AdapterConfig, SavedModule, deferring_base_changes, skip_initialisation
+from .quant.formats import is_quantized
 from .state import (
     BANKS_ATTR,
     adapter_state_dict,
@@ -230,6 +231,13 @@ def _calibrate(
                 f"calibration / loss_fn were given, but {config.method}'s init {name!r} uses no data"
             )
         return {}, None, {}
+    quantized = [p for p in paths if is_quantized(model.get_submodule(p))]
+    if spec.needs & {"grad", "grads"} and quantized:
+        raise ValueError(
+            f"init {name!r} needs the gradient of the loss with respect to each W0, which a quantized base "
+            f"layer ({quantized[:3]}) does not have (it stores codes); use an init without gradients (e.g. "
+            "'pissa', 'corda', 'eva') or run the init on the dense model before quantizing"
+        )
     if calibration is None:
         raise ValueError(
             f"init {name!r} estimates its subspace from data ({', '.join(sorted(spec.needs))}): pass "
@@ -285,22 +293,53 @@ def _restore_flags(model: nn.Module) -> None:
         object.__delattr__(model, _FROZEN_ATTR)
 
 
-def merge_(model: nn.Module) -> nn.Module:
+def merge_(model: nn.Module, *, requantize: bool = False) -> nn.Module:
     """Replace every adapter by a plain layer carrying its W', and every saved module by its trained copy.
 
-    The result is an ordinary model (no loraredux class left) that `save_pretrained` writes as usual.
+    The result is an ordinary model (no loraredux class left) that `save_pretrained` writes as usual. A quantized
+    base (bitsandbytes 4-bit / 8-bit) merges into a dense `nn.Linear` in the layer's dtype, whose outputs are the
+    adapted model's: re-quantizing W' would round away most of a small update. `requantize=True` does it anyway
+    (for a smaller model file) and reports what it cost: see `lx.quant.merge_requantized`, which it calls.
+
+    Args:
+        model: an adapted model.
+        requantize: quantize each merged layer back into its base's format (every adapted base must be
+            quantized).
+
+    Raises:
+        ValueError: no adapter to merge, or `requantize` with an adapted layer whose base is dense (named); the
+            model is then unchanged.
     """
+    if requantize:
+        from .quant import merge_requantized
+
+        merge_requantized(model)
+        return model
+    _merge(model, lambda layers: {path: adapter.merged() for path, adapter in layers})
+    return model
+
+
+def _merge(
+    model: nn.Module, build: Callable[[list[tuple[str, Adapter]]], dict[str, nn.Module]]
+) -> None:
+    """The merge: `build` makes the plain layer of every adapter (before anything changes, so an error in any
+    leaves the model as it was), then they and the saved modules' trained copies are swapped in."""
     layers = list(adapters(model))
     saved = list(saved_modules(model))
     if not layers and not saved:
         raise ValueError(f"{type(model).__name__} has no adapter to merge")
+    merged = build(layers)
     _restore_flags(model)
     for path, adapter in layers:
-        _replace(model, path, adapter.merged())
+        # their flags are those before lx.adapt_ again (restored just now)
+        before = dict(adapter.base.named_parameters())
+        for name, p in merged[path].named_parameters():
+            if name in before and p.is_floating_point():
+                p.requires_grad_(before[name].requires_grad)
+        _replace(model, path, merged[path])
     for path, module in saved:
         _replace(model, path, module.module)
     drop_unused_banks(model)
-    return model
 
 
 def unadapt_(model: nn.Module) -> nn.Module:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import loraredux as lx
-from loraredux.init import loftq as loftq_module
 from loraredux.init.loftq import loftq, nf4_roundtrip
+from loraredux.quant import bnb as bnb_import  # the lazy import and its log filter
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
@@ -234,7 +234,7 @@ def test_a_broken_bitsandbytes_install_shows_its_own_error(monkeypatch: pytest.M
     def broken(name: str) -> types.ModuleType:
         raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
 
-    monkeypatch.setattr(loftq_module.importlib, "import_module", broken)
+    monkeypatch.setattr(bnb_import.importlib, "import_module", broken)
     with pytest.raises(ModuleNotFoundError, match="scipy"):
         loftq(torch.randn(8, 64), 2, 1.0)
 
@@ -243,15 +243,15 @@ def test_a_broken_bitsandbytes_install_shows_its_own_error(monkeypatch: pytest.M
 
 
 def record(
-    exc: BaseException, msg: str = loftq_module._KERNELS_MESSAGE + ": %s. Please ..."
+    exc: BaseException, msg: str = bnb_import._KERNELS_MESSAGE + ": %s. Please ..."
 ) -> logging.LogRecord:
     return logging.LogRecord(
-        loftq_module._KERNELS_LOGGER, logging.WARNING, "ops.py", 1, msg, (exc,), None
+        bnb_import._KERNELS_LOGGER, logging.WARNING, "ops.py", 1, msg, (exc,), None
     )
 
 
 def test_only_the_missing_kernels_package_message_is_silenced() -> None:
-    keep = loftq_module._MissingKernelsFilter().filter
+    keep = bnb_import._MissingKernelsFilter().filter
     assert not keep(record(ModuleNotFoundError("No module named 'kernels'", name="kernels")))
     assert keep(
         record(RuntimeError("Cannot find a build variant for this system"))
@@ -265,7 +265,7 @@ def test_only_the_missing_kernels_package_message_is_silenced() -> None:
 def test_the_filter_guards_the_import_only(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    logger = logging.getLogger(loftq_module._KERNELS_LOGGER)
+    logger = logging.getLogger(bnb_import._KERNELS_LOGGER)
 
     def importing(
         name: str,
@@ -277,13 +277,13 @@ def test_the_filter_guards_the_import_only(
         logger.warning(record(RuntimeError("x")).msg, RuntimeError("no build variant"))
         return bnbF
 
-    monkeypatch.setattr(loftq_module.importlib, "import_module", importing)
-    with caplog.at_level(logging.WARNING, logger=loftq_module._KERNELS_LOGGER):
+    monkeypatch.setattr(bnb_import.importlib, "import_module", importing)
+    with caplog.at_level(logging.WARNING, logger=bnb_import._KERNELS_LOGGER):
         nf4_roundtrip(torch.ones(64))
     assert [r.getMessage().split(": ")[1] for r in caplog.records] == [
         "no build variant. Please ..."
     ]
-    assert not any(isinstance(f, loftq_module._MissingKernelsFilter) for f in logger.filters)
+    assert not any(isinstance(f, bnb_import._MissingKernelsFilter) for f in logger.filters)
 
 
 # -- PEFT parity ----------------------------------------------------------------------------------------------------

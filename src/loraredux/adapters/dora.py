@@ -19,7 +19,8 @@ and takes column norms; in PyTorch's (out, in) layout these are row norms, as in
 - **Inference cache.** Outside training and autograd (eval mode under `torch.no_grad`), the norm depends only on
   W0, A and B; it is cached and reused until one of them changes (tracked by the tensors' identity and in-place
   version counters; PEFT's equivalent cache is off by default, which its docs say costs +139% at inference).
-  Writing through `.data` bypasses version counters: call `clear_cache()` after such a write.
+  Writing through `.data` bypasses version counters: call `clear_cache()` after such a write. On a quantized base
+  the view dequantizes W0 for the norm: once per cache miss at inference, every step in training (as PEFT's QDoRA).
 - **Dropout**: as PEFT, with dropout active the magnitude correction uses the dropped input too:
   y = base(x) + (c - 1) ⊙ (x_d W0^T) + c ⊙ s (x_d A^T) B^T, with x_d = dropout(x).
 
@@ -73,7 +74,9 @@ class DoRA(LoRA):
         return super().train(mode)
 
     def _cache_key(self) -> tuple[Any, ...]:
-        W0 = self.base_weight()
+        # The stored base parameter, not base_weight(): a quantized base's view dequantizes a fresh tensor on
+        # every call (whose id and address a later one may reuse), and a transposed view makes a new view tensor.
+        W0 = self.base.weight
         return tuple(
             (id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in (W0, self.A, self.B)
         )

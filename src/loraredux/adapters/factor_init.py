@@ -10,6 +10,11 @@ adapter keeps the initial pair as persistent buffers A0, B0, so the original wei
 for the exact inits, a kept copy for LoftQ (whose quantisation error is not low rank). Then `lx.disabled`
 computes the original model, `lx.unadapt_` restores W0, loading saved tensors moves the base again from the loaded
 A0, B0, and LoRA's PEFT export writes the equivalent plain rank-2r LoRA on the original base.
+
+On a quantized base (`BaseView.keeps_original`) the moved base is W_res quantized like the original (PiSSA then is
+QPiSSA: Meng et al., arXiv 2404.02948), and the view keeps the original quantized weight itself: W0 is its
+dequantization (no dense copy, not deq(q(W_res)) + s B0 A0), `lx.disabled` computes with it, and `lx.unadapt_`
+puts that very parameter back, bit for bit.
 """
 
 from __future__ import annotations
@@ -172,7 +177,7 @@ class FactorInit(Adapter):
                 raise RuntimeError(f"init {spec.name!r} moves the base but returned no new base")
             self.A0.copy_(factors.A)
             self.B0.copy_(factors.B)
-            if not spec.exact:
+            if not spec.exact and not self.view.keeps_original:
                 self._original = self.base_weight().detach()
             self.replace_base_weight_(factors.base.to(self.base_weight().dtype))
             self._moved = True
@@ -180,17 +185,21 @@ class FactorInit(Adapter):
     # -- the original weight ------------------------------------------------------------------------------
     def original_weight(self) -> Tensor:
         """W0 (out, in) of the layer before adaptation: W_res + s B0 A0 after an exact base-moving init, the
-        kept copy after LoftQ, else the base weight itself."""
+        kept copy after LoftQ, the original weight the view keeps for a quantized base, else the base weight."""
         if not self._moved:
             return self.base_weight()
+        if self.view.keeps_original:
+            return self.view.original_weight()
         if self._original is not None:
             return self._original
         return torch.addmm(self.base_weight(), self.B0, self.A0, alpha=self.scale)
 
     def released(self) -> nn.Module:
         if self._moved:
-            with torch.no_grad():
-                self.view.set_weight(self.original_weight())
+            # a quantized base's view keeps the original weight: super() puts it back
+            if not self.view.keeps_original:
+                with torch.no_grad():
+                    self.view.set_weight(self.original_weight())
             self._moved = False
         return super().released()
 
@@ -230,7 +239,7 @@ class FactorInit(Adapter):
                 )
             new_base = factors.base
             _check_move(spec.name, W0, new_base)
-            self._original = W0
+            self._original = None if self.view.keeps_original else W0
         self.replace_base_weight_(new_base)
         self._moved = True
 
@@ -238,6 +247,8 @@ class FactorInit(Adapter):
         if self.enabled or not self._moved:
             return super().forward(x)
         # disabled after a base-moving init: the original model, W_res + s B0 A0 (or the kept W0)
+        if self.view.keeps_original:
+            return self.view.forward_with(x, self.view.original_weight())
         if self._original is not None:
             return self.view.forward_with(x, self._original)
         h, lead = self.flatten(x)

@@ -111,7 +111,10 @@ class LoRA(FactorInit):
         return {"lora_A.weight": self.A, "lora_B.weight": self.B}
 
     def converts_moved_base(self) -> bool:
-        return self.initialiser is not None and self.initialiser.exact
+        # On a quantized base the moved base is q(W_res), not W0 - s B0 A0: its quantization error is not low
+        # rank, so no plain LoRA on the original codes reproduces it (loraredux's own format moves it again).
+        exact = self.initialiser is not None and self.initialiser.exact
+        return exact and not self.view.quantized
 
     def peft_export(self, convert: bool = True) -> tuple[AdapterConfig, dict[str, Tensor]]:
         """The config and tensors to write in PEFT's format.

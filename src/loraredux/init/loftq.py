@@ -9,59 +9,27 @@ plainly quantised q_N(W0) does. q_N is bitsandbytes' NF4 (QLoRA's NormalFloat), 
 
 from __future__ import annotations
 
-import importlib
-import logging
 import math
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from ..quant.bnb import import_bitsandbytes
 from .registry import Factors, register_init
 
 __all__ = ["loftq", "nf4_roundtrip"]
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
-# Recent bitsandbytes (0.50.2 here) tries, at import and on CPUs with AVX512-BF16 only, to fetch a fused CPU 4-bit
-# GEMV kernel from the Hugging Face Hub through the optional `kernels` package, and logs a warning when `kernels` is
-# absent. Its fallback is the CPU kernel bundled in bitsandbytes, and quantize/dequantize never use the fused one
-# (bitsandbytes/backends/cpu/ops.py; bitsandbytes PR #1972), so that one message is noise for us.
-_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
-_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-
-class _MissingKernelsFilter(logging.Filter):
-    """Drops the "kernels is not installed" warning only; any other failure to load the kernel still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(_KERNELS_MESSAGE):
-            return True
-        args = record.args if isinstance(record.args, tuple) else ()
-        exc = args[0] if args else None
-        return not (isinstance(exc, ModuleNotFoundError) and exc.name == "kernels")
-
 
 def _bitsandbytes_functional() -> ModuleType:
-    """`bitsandbytes.functional`, imported on first use.
+    """`bitsandbytes.functional`, imported on first use (`lx.quant.import_bitsandbytes`).
 
     Raises:
         ImportError: bitsandbytes is not installed (the message says how to install it).
     """
-    logger = logging.getLogger(_KERNELS_LOGGER)
-    quiet = _MissingKernelsFilter()
-    logger.addFilter(quiet)  # only for the import, which is when the message is logged
-    try:
-        return importlib.import_module("bitsandbytes.functional")
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] != "bitsandbytes":
-            raise  # bitsandbytes is there but one of its own imports failed: show that error
-        raise ImportError(
-            "init 'loftq' quantises the base with bitsandbytes' NF4, which is not installed: "
-            "pip install bitsandbytes (or pip install loraredux[quant])"
-        ) from exc
-    finally:
-        logger.removeFilter(quiet)
+    return import_bitsandbytes("init 'loftq' (NF4 quantisation)", "bitsandbytes.functional")
 
 
 def _check_block_size(block_size: int) -> None:
