@@ -323,7 +323,7 @@ def test_requantize_on_a_dense_layer_is_refused_and_changes_nothing():
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
-@pytest.mark.parametrize("init", ["kaiming", "pissa", "olora", "loftq"])
+@pytest.mark.parametrize("init", ["kaiming", "pissa", "olora", "milora"])
 def test_unadapt_restores_the_codes_bit_for_bit(fmt, init):
     model = quantized(fmt)
     reference = quantized(fmt)

@@ -320,6 +320,11 @@ class Adapter(nn.Module):
         if not _DEFER_BASE.get():
             self.commit_base_()
 
+    def base_change_pending(self) -> bool:
+        """Whether a new base weight is recorded and not yet applied (`replace_base_weight_` under
+        `deferring_base_changes`: an init, or a load, that moves the base)."""
+        return "_pending_base" in self.__dict__
+
     def commit_base_(self) -> None:
         """Apply a pending base weight (see `replace_base_weight_`) and pending base tensors (see
         `load_base_tensors_`); nothing when none is pending."""

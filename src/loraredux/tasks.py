@@ -451,12 +451,14 @@ def adapt_for_task(
     progress: bool = True,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    base: Any = None,
 ) -> Any:
     """`lx.adapt_` for a training run on `task`: the task's default targets unless given, its head in
     `modules_to_save`, the first `calibration_batches` training batches and the task's loss for a data-aware
     initialiser (LoRA-GA, EVA, CorDA, ...), and a method's run-length field (AdaLoRA's `total_step`) set to
-    `steps` where the config leaves it None; `rank_pattern` / `alpha_pattern` as `lx.adapt_` takes them. Returns
-    the config actually applied.
+    `steps` where the config leaves it None; `rank_pattern` / `alpha_pattern` as `lx.adapt_` takes them. On a base
+    quantized by `base_format.convert_base_` (`base`, its `BaseFormat`), LoftQ starts the adapters from the dense
+    weights it kept (`BaseFormat.loftq_`). Returns the config actually applied.
     """
     import dataclasses
 
@@ -465,6 +467,7 @@ def adapt_for_task(
 
     if getattr(config, "total_step", False) is None:  # a rank schedule over the run (AdaLoRA)
         config = dataclasses.replace(config, total_step=steps)
+    config, loftq_iters = (config, None) if base is None else base.deferred_loftq(config)
     name = getattr(config, "init", None)
     extra: dict[str, Any] = {}
     if isinstance(name, str) and lx_init.get(name).needs:
@@ -483,6 +486,8 @@ def adapt_for_task(
         alpha_pattern=alpha_pattern,
         **extra,
     )
+    if loftq_iters is not None:
+        base.loftq_(model, loftq_iters)
     return config
 
 

@@ -518,12 +518,35 @@ def test_the_printed_python_applies_the_recommendation():
     assert "    calibration=batches,  # training batches: init 'lora_ga'" in render_markdown(rec)
 
 
+def test_the_printed_python_quantizes_a_dense_model_and_starts_loftq_from_its_weights():
+    pytest.importorskip("bitsandbytes")
+    rec = recommendation()
+    rec["choices"]["base"]["value"] = "nf4"
+    rec["config"]["init"] = "loftq"
+    text = render_markdown(rec)
+    assert "the first lines quantize its base to **nf4**" in text
+    code = code_block(text, "python")
+    assert "convert_base_(model, 'nf4', keep=['classifier'], keep_weights=True)" in code
+    model = tiny_bert(hidden_size=64, num_attention_heads=4, intermediate_size=128).float()
+    W0 = model.get_submodule(L0Q).weight.detach().clone()
+    exec(code, {"model": model})
+    layer = model.get_submodule(L0Q)
+    assert layer.view.format == "nf4" and layer.config.rank == 8
+    A, B, s = layer.lora_form()
+    residual = W0 - lx.quant.dequantize(
+        layer.base
+    )  # LoftQ: the best rank-8 part of the quantization error
+    U, S, Vh = torch.linalg.svd(residual.double())
+    torch.testing.assert_close((s * B @ A).double(), (U[:, :8] * S[:8]) @ Vh[:8], rtol=0, atol=1e-5)
+    assert "and puts the base in nf4 as `--base nf4` does" in text
+
+
 def test_the_command_line_applies_the_written_recommendation(tmp_path):
     text = render_markdown(weights_only(), folder="runs/advice")
     command = code_block(text, "sh").replace("\\\n", "").split()
     assert command == ["loraredux", "train", "--model", "minilm", "--recommendation",
                        "runs/advice/recommendation.json"]  # fmt: skip
-    assert "it loads the base in fp32, having no option for the base format (bf16 here)" in text
+    assert "and puts the base in bf16 as `--base bf16` does" in text
     code = code_block(text, "python")
     assert "targets='all-linear'" in code and "rank_pattern" not in code
     model = tiny_bert()

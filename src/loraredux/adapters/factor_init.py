@@ -144,6 +144,11 @@ class FactorInit(Adapter):
                 f"init {name!r} does not support a {self.view.kind} base (it supports "
                 f"{', '.join(self.initialiser.kinds)} layers)"
             )
+        if self.view.quantized and self.initialiser.quantized_reason:
+            raise ValueError(
+                f"init {name!r} cannot run on this {self.view.format} quantized base: "
+                f"{self.initialiser.quantized_reason}"
+            )
         if self.initialiser.moves_base:
             W0 = self.base_weight()
             like = {"dtype": W0.dtype, "device": W0.device}

@@ -4,19 +4,26 @@ The model is built on PyTorch's meta device (shapes, no storage: exact parameter
 transformers knows, in a fraction of a second) and adapted there with the chosen method, so the counts are the
 library's own, not a per-architecture formula. Then:
 
-    base        every base parameter at its format's width: fp32 4 bytes, bf16 / fp16 2; with int8 or nf4 the
-                linear layers' weights are quantized and everything else (embeddings, norms, biases, the output
-                head) stays at 16 bits
+    base        every base parameter at its format's width: fp32 4 bytes, bf16 / fp16 2; with int8, nf4 or fp4
+                the linear layers' weights are quantized and everything else (embeddings, norms, biases, the
+                output head) stays at 16 bits (or at `dtype`'s width: fp32 for a model quantized from fp32)
                     int8:  1 byte per weight + one fp32 scale per output row (LLM.int8's row-wise absmax)
                     nf4:   4 bits per weight + the absmax constants of blocks of 64: fp32 (0.5 bit per weight), or
                            with double quantization 8-bit constants with an fp32 per 256 blocks
-                           (8/64 + 32/(64 * 256) = 0.127 bit per weight; Dettmers et al., QLoRA, arXiv 2305.14314)
+                           (8/64 + 32/(64 * 256) = 0.127 bit per weight; Dettmers et al., QLoRA, arXiv 2305.14314);
+                           fp4 alike
     adapters    the trainable parameters at `adapter_bytes_per` (fp32 by default)
     gradients   one gradient per trainable parameter, at the same width
     optimizer   `OPTIMIZER_STATES[optimizer]` states per trainable parameter, at the same width (AdamW: 2)
 
     activations (with `batch_size` and `seq_len`) the peak of one training step (forward, loss, backward) above the
-                weights and their gradients, at the compute dtype (the base's; bf16 for int8 and nf4)
+                weights and their gradients, at the compute dtype (the base's; for int8, nf4 and fp4 `dtype`, bf16
+                by default). A quantized layer's step is a dense one's: bitsandbytes dequantizes W0 into the
+                compute dtype for each product (forward, and backward for the input's gradient) and frees it, and
+                keeps only the codes for backward, as a frozen dense layer keeps a reference to W0; so the
+                activations are the dense model's replay (measured on MiniLM, nf4 on CPU in fp32: within 0.1 MB of
+                223 MB). An int8 layer keeps its input for backward besides (bitsandbytes' int8 product saves it,
+                though no weight gradient needs it): the replay does the same (`replay.keep_inputs_`)
 
 `total_bytes` is the sum of the five. It overstates a step's peak by at most the gradients and the optimizer states:
 the gradients grow during backward and AdamW creates its states after it, while the activations peak at its start;
@@ -24,23 +31,21 @@ in steady training the states of the last step are alive, so only the gradients 
 
 Activations are found by replaying the step on the meta device (`replay.py`, whose docstring has the method, its
 assumptions and the measured agreement: the activations match a measured CPU step to within bytes on a dozen
-architectures). `measure_peak_bytes` measures a real step to check it against.
+architectures). `measure_peak_bytes` and `held_bytes` (`measured.py`) measure a real step to check it against.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .replay import simulate_step
+from .measured import held_bytes, measure_peak_bytes
+from .replay import keep_inputs_, simulate_step
 
 __all__ = [
     "BASE_FORMATS",
@@ -49,20 +54,24 @@ __all__ = [
     "TRAINING_DEVICES",
     "MemoryEstimate",
     "estimate_memory",
+    "held_bytes",
     "measure_peak_bytes",
     "meta_model",
 ]
 
 #: bits per base parameter outside quantized linear weights, and the format's own width for those weights
-BASE_FORMATS = ("fp32", "bf16", "fp16", "int8", "nf4")
-#: the dtype activations are computed in, per base format (the quantized formats compute in bf16)
+BASE_FORMATS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
+#: the dtype activations are computed in, per base format, by default: the quantized formats compute in bf16
+#: (QLoRA's setup on a GPU); `estimate_memory(dtype=...)` gives another (fp32: `loraredux train --base nf4`)
 COMPUTE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "int8": torch.bfloat16,
     "nf4": torch.bfloat16,
+    "fp4": torch.bfloat16,
 }
+_QUANTIZED = ("int8", "nf4", "fp4")
 #: the devices whose attention kernels the activation model knows (see replay.py)
 TRAINING_DEVICES = ("cuda", "cpu")
 #: optimizer states kept per trainable parameter
@@ -188,6 +197,7 @@ def estimate_memory(
     batch_size: int | None = None,
     seq_len: int | None = None,
     device: str | torch.device = "cuda",
+    dtype: torch.dtype | None = None,
 ) -> MemoryEstimate:
     """The bytes of the base, the adapters, their gradients and the optimizer states for a transformers config, and
     with `batch_size` and `seq_len` those of the activations of one training step.
@@ -204,12 +214,17 @@ def estimate_memory(
         adapter_bytes_per: bytes per trainable parameter (and per gradient and optimizer state).
         double_quant: nf4 with QLoRA's double quantization of the block constants.
         batch_size, seq_len: the training batch (sequences, tokens per sequence), both or neither: with them the
-            activations are estimated (replay.py), at `COMPUTE_DTYPES[base]`.
+            activations are estimated (replay.py), at `dtype`.
         device: the device that trains ("cuda", "cuda:1", "cpu" or a `torch.device`; its type one of
             `TRAINING_DEVICES`): it decides which attention kernel sdpa runs (replay.py).
+        dtype: for int8 / nf4 / fp4, the dtype of everything the format does not quantize (embeddings, norms,
+            biases, the head) and of the activations, which bitsandbytes computes in: default
+            `COMPUTE_DTYPES[base]` (bf16, QLoRA's setup); float32 for a model loaded in fp32 and quantized with
+            `lx.quantize_` (`loraredux train --base nf4`). A dense format is its own dtype.
 
     Raises:
-        ValueError: an unknown base format, optimizer or device (naming the known ones), a bad method config,
+        ValueError: an unknown base format, optimizer or device (naming the known ones), a dtype other than a dense
+            format's own or one bitsandbytes computes in (float32, bfloat16, float16), a bad method config,
             batch_size or seq_len not a positive int, one of them without the other, or seq_len beyond the
             config's max_position_embeddings.
         RuntimeError: the training step of this architecture cannot run on the meta device (an operator that
@@ -222,14 +237,15 @@ def estimate_memory(
         raise ValueError(f"base must be one of {BASE_FORMATS}, got {base!r}")
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
+    dtype = _check_dtype(base, dtype)
     device = _check_batch(config, batch_size, seq_len, device)
     if batch_size is not None and kind == "classification" and _needs_pad_token(config):
         # transformers pools each sequence's last non-padding token, so it needs a padding id: any will do
         config = copy.deepcopy(config)
         config.pad_token_id = 0
     model = meta_model(config, kind)
-    width = {"fp32": 4, "bf16": 2, "fp16": 2}.get(base, 2)
-    quantize = base in ("int8", "nf4")
+    width = torch.finfo(dtype).bits // 8
+    quantize = base in _QUANTIZED
     base_bytes = 0.0
     base_parameters = 0
     seen: set[int] = set()
@@ -254,7 +270,12 @@ def estimate_memory(
     per = adapter_bytes_per * trainable
     activations = 0
     if batch_size is not None and seq_len is not None:
-        model.to(COMPUTE_DTYPES[base])
+        model.to(dtype)
+        if base == "int8":  # bitsandbytes' int8 product keeps each layer's input for backward
+            keep_inputs_([
+                m for n, m in model.named_modules()
+                if type(m) is nn.Linear and n.split(".")[-1] not in _HEADS and not m.weight.requires_grad
+            ])  # fmt: skip
         activations = simulate_step(model, kind, batch_size, seq_len, device)
     return MemoryEstimate(
         base_bytes=round(base_bytes),
@@ -269,79 +290,19 @@ def estimate_memory(
     )
 
 
+def _check_dtype(base: str, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the unquantized weights and the activations (`estimate_memory`'s `dtype`), checked."""
+    own = COMPUTE_DTYPES[base]
+    if dtype is None:
+        return own
+    if base not in _QUANTIZED and dtype != own:
+        raise ValueError(
+            f"a {base} base computes in {own}; dtype={dtype} applies to {_QUANTIZED} only"
+        )
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype!r}")
+    return dtype
+
+
 def _needs_pad_token(config: Any) -> bool:
     return getattr(config, "pad_token_id", 0) is None
-
-
-# ----------------------------------------------------------------------------------------------- measuring
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """File descriptor 2 points at os.devnull inside (native code's own log lines go nowhere)."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def measure_peak_bytes(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
-    """The peak memory allocated while `fn()` runs, above what was allocated when it started, in bytes.
-
-    On CUDA, `torch.cuda.max_memory_allocated` after resetting the peak (all of the device's allocations, by the
-    caching allocator's block sizes). On the CPU, PyTorch's profiler's memory events (`profile_memory=True`): the
-    highest running sum of the allocations and frees made while `fn` runs, in time order (frees of tensors made
-    before `fn` started are not reported to the profiler, so they never lower the figure).
-
-    Args:
-        fn: called once, with no arguments; its result is dropped.
-        device: "cpu", "cuda" or "cuda:N" (a str or `torch.device`); default the current CUDA device when CUDA
-            is available, else the CPU.
-
-    Raises:
-        ValueError: another device type, or CUDA without a CUDA device.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device is CUDA but torch.cuda.is_available() is False")
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return max(0, torch.cuda.max_memory_allocated(device) - start)
-    if device.type != "cpu":
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {str(device)!r}")
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _native_stderr_silenced():  # Kineto writes a "profiler_start" line to fd 2
-        prof.start()
-    try:
-        fn()
-    finally:
-        with _native_stderr_silenced():
-            prof.stop()
-    cpu = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() in cpu
-    ]
-    running = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak

@@ -37,7 +37,8 @@ above). Two corrections make meta behave like a real device:
 Assumed: no gradient checkpointing; no padding mask (only token ids go in; a mask adds about batch x seq^2 bytes
 once, shared by the layers); the model's own `use_cache` default. Not counted: kernel workspaces (cuBLAS, flash
 backward's accumulators, bitsandbytes' dequantized weights and int8 buffers: int8 and nf4 are simulated as plain
-bf16 layers), the caching allocator's rounding, the inputs and the optimizer step's temporaries.
+layers in the compute dtype, an int8 layer keeping its input for backward as bitsandbytes' int8 product does,
+`keep_inputs_`), the caching allocator's rounding, the inputs and the optimizer step's temporaries.
 
 Measured agreement (tests/advisor/test_activation_memory.py: CPU, fp32, random weights, 2 layers of hidden 128,
 vocabulary 1,000, LoRA r=8 on all linear layers, batch 4 x 128 tokens; measured = `measure_peak_bytes` of a whole step,
@@ -62,11 +63,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Allocations", "simulate_step"]
+__all__ = ["Allocations", "keep_inputs_", "simulate_step"]
 
 
 def _tensors(tree: Any) -> Iterator[torch.Tensor]:
@@ -249,6 +251,28 @@ def _labels(model: nn.Module, kind: str, batch_size: int, ids: torch.Tensor) -> 
     if cfg.problem_type == "regression" or (cfg.problem_type is None and cfg.num_labels == 1):
         return torch.zeros(batch_size, device="meta")
     return torch.zeros(batch_size, dtype=torch.long, device="meta")
+
+
+class _KeepsInput(torch.autograd.Function):
+    """x W^T + b with a frozen W that keeps x until backward, as bitsandbytes' int8 product does although no weight
+    gradient needs it (bitsandbytes 0.50.2: `MatMul8bitFp` on the CPU keeps `ctx.A`, `MatMul8bitLt` on CUDA
+    `ctx.tensors`, whenever an input needs a gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        _, weight = ctx.saved_tensors
+        return grad @ weight, None, None
+
+
+def keep_inputs_(modules: list[nn.Linear]) -> None:
+    """Make each frozen linear layer keep its input for backward (`_KeepsInput`): an int8 base in the replay."""
+    for module in modules:
+        module.forward = lambda x, m=module: _KeepsInput.apply(x, m.weight, m.bias)  # type: ignore[method-assign]
 
 
 def simulate_step(model: nn.Module, kind: str, batch_size: int, seq_len: int, device: str) -> int:

@@ -111,12 +111,27 @@ def _needs_data(init: Any) -> bool:
 
 def _python(rec: Mapping[str, Any]) -> str:
     config, adapt = rec["config"], rec["adapt"]
-    lines = [
-        "import loraredux as lx",
+    base = ((rec.get("choices") or {}).get("base") or {}).get("value")
+    quantized = base in ("nf4", "fp4", "int8")
+    loftq = quantized and config.get("init") == "loftq"
+    lines = ["import loraredux as lx"]
+    if quantized:  # the dense model as loaded, quantized as `loraredux train --base` does
+        saved = _literal(adapt.get("modules_to_save") or [], 41)
+        lines += [
+            "from loraredux.base_format import convert_base_",
+            "",
+            f"base = convert_base_(model, {base!r}, keep={saved}"
+            + (", keep_weights=True)  # W0 kept for LoftQ" if loftq else ")"),
+        ]
+    lines += [
         "",
         "config = lx.config_from_dict(",
         f"    {_literal(dict(config), 4)}",
         ")",
+    ]
+    if loftq:
+        lines.append("config, iters = base.deferred_loftq(config)  # LoftQ after adapting, from W0")
+    lines += [
         "lx.adapt_(",
         "    model,",
         "    config,",
@@ -131,6 +146,10 @@ def _python(rec: Mapping[str, Any]) -> str:
             "    # loss_fn=...,  # (model, batch) -> loss, where that is not model(**batch).loss",
         ]
     lines.append(")")
+    if loftq:
+        lines.append(
+            "base.loftq_(model, iters)  # s B A = SVD_r(W0 - deq(Q)) in each quantized layer"
+        )
     return "\n".join(lines)
 
 
@@ -154,9 +173,15 @@ def _how_to(rec: Mapping[str, Any], folder: str) -> list[Block]:
     base = (choices.get("base") or {}).get("value")
     serving = (choices.get("serving") or {}).get("value")
     optimizer = (choices.get("optimizer") or {}).get("value")
-    text = "Apply it to `model`, the loaded model" + (
-        f" with its base in **{base}**" if base else ""
-    )
+    if base in ("nf4", "fp4", "int8"):
+        text = (
+            f"Apply it to `model`, the loaded dense model: the first lines quantize its base to **{base}** "
+            "(every linear layer but the head and the modules trained in full, as `loraredux train --base` does)"
+        )
+    else:
+        text = "Apply it to `model`, the loaded model" + (
+            f" with its base in **{base}**" if base else ""
+        )
     text += (
         ", before training: `lx.config_from_dict` rebuilds the method's config from the recommendation's "
         '`"config"`, and the keyword arguments are its `"adapt"` entries.'
@@ -177,16 +202,14 @@ def _how_to(rec: Mapping[str, Any], folder: str) -> list[Block]:
     if command is not None:
         note = (
             "The same from the command line: `--recommendation` applies the method config, the targets, the "
-            "per-layer ranks and the optimizer of `recommendation.json`"
+            "per-layer ranks, the optimizer and the base format of `recommendation.json`"
         )
         if rec["adapt"].get("modules_to_save"):
             note += ", and the task's own head is trained in full (`modules_to_save`)"
         if "--lr" in command:
             note += "; the learning rate is the one the verification used"
         if base and base != "fp32":
-            note += (
-                f"; it loads the base in fp32, having no option for the base format ({base} here)"
-            )
+            note += f", and puts the base in {base} as `--base {base}` does"
         blocks += [("p", note + ":"), ("code", "sh", command)]
     return blocks
 

@@ -156,9 +156,11 @@ def memory_check(rec: Mapping[str, Any]) -> str | None:
     if not (memory and is_number(memory.get("measured")) and memory["measured"] > 0):
         return None
     estimated = memory.get("estimated")
+    here = memory.get("base") or "fp32"
+    base = "fp32 base" if here == "fp32" else f"{here} base computing in fp32"
     text = (
         f"The memory model, checked on the way: one training step of the advised model as the verification "
-        f"trains it (batch {memory.get('batch_size')} × {memory.get('seq_len')} tokens, fp32 base, "
+        f"trains it (batch {memory.get('batch_size')} × {memory.get('seq_len')} tokens, {base}, "
         f"{memory.get('device')}; weights, adapters, gradients, optimizer states and activations) measured "
         f"{format_bytes(memory['measured'])}; the memory model's estimate for that same step is "
         f"{format_bytes(estimated)}"
@@ -182,8 +184,10 @@ def memory_check(rec: Mapping[str, Any]) -> str | None:
     if there != (memory.get("batch_size"), memory.get("seq_len")):
         shape = "no batch" if None in there else f"{there[0]} × {there[1]} tokens"
         differences.append(f"the batch ({shape} there)")
-    if chosen != "fp32":
-        differences.append(f"the base format ({chosen} there, fp32 here)")
+    if chosen != here:
+        differences.append(f"the base format ({chosen} there, {here} here)")
+    elif here != "fp32":
+        differences.append("the compute dtype (bf16 there, fp32 here)")
     if method and method != "lora":
         differences.append(f"the method (LoRA there, {method} here)")
     if optimizer and optimizer != "adamw":

@@ -18,12 +18,18 @@ cost); its metric is the mean over the seeds, and its seed spread (the largest m
 spread of the two runs compared; otherwise, and always with one seed (the default, today's cost), it says the
 difference is within seed noise.
 
+Base format: where the recommendation's base is quantized (nf4, fp4, int8), every run trains on that base, as
+`loraredux train --base` makes it (`base_format.convert_base_`: the model loaded in fp32, its linear layers but the
+head quantized, computing in fp32), and a LoftQ init starts from the dense weights kept before quantizing. Other
+bases (fp32, bf16) train in fp32, as the packaged models load. `verify["base"]` records it.
+
 The memory model is checked on the way: before the advised run trains, one training step (forward, loss, backward,
 optimizer step) of a copy of its model is measured (`memory.measure_peak_bytes`, on the CPU or the GPU the model is
-on) and set against `memory.estimate_memory` for the same configuration, batch shape and device, in fp32 (the
-packaged models load in fp32). Both go to `verify["memory"]`. This is another figure than the base-format estimates
-of the recommendation (`Recommendation.memory`), which are for the training device and batch shape `advise` was given,
-at each base format: the report names what each counts.
+on; the weights by `memory.held_bytes`, quantization state included) and set against `memory.estimate_memory` for
+the same configuration, batch shape, device and base (a quantized one with everything else and the activations in
+fp32, as trained here). Both go to `verify["memory"]`. This is another figure than the base-format estimates of the
+recommendation (`Recommendation.memory`), which are for the training device and batch shape `advise` was given, at
+each base format (the quantized ones computing in bf16): the report names what each counts.
 
 Each run is logged at INFO (`logging`, logger `loraredux.advisor.verify`).
 """
@@ -43,9 +49,17 @@ from torch import nn
 from . import rules
 from .recommendation import Recommendation
 
-__all__ = ["verify"]
+__all__ = ["QUANTIZED", "verified_base", "verify"]
 
 logger = logging.getLogger(__name__)
+
+#: the recommended bases the verification trains on; others train in fp32 (module docstring)
+QUANTIZED = ("nf4", "fp4", "int8")
+
+
+def verified_base(rec: Recommendation) -> str:
+    """The base the verification trains on: the recommendation's when quantized, else fp32."""
+    return rec.base if rec.base in QUANTIZED else "fp32"
 
 
 def _runs(rec: Recommendation) -> list[dict[str, Any]]:
@@ -104,12 +118,12 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _memory_check(
     rec: Recommendation, net: nn.Module, task: Any, batch: dict[str, Any], optimizer: str, lr: float,
-    kind: str,
+    kind: str, base: str,
 ) -> dict[str, Any]:  # fmt: skip
     """One training step of a copy of `net` measured, against the memory model's estimate (module docstring)."""
     import loraredux as lx
 
-    from .memory import OPTIMIZER_STATES, estimate_memory, measure_peak_bytes
+    from .memory import OPTIMIZER_STATES, estimate_memory, held_bytes, measure_peak_bytes
 
     device = next(net.parameters()).device
     clone = copy.deepcopy(net).train()
@@ -119,13 +133,14 @@ def _memory_check(
         task.loss_fn(clone, batch).backward()
         opt.step()
 
-    held = sum(t.numel() * t.element_size() for t in [*clone.parameters(), *clone.buffers()])
-    measured = held + measure_peak_bytes(step, device)
+    measured = held_bytes(clone) + measure_peak_bytes(step, device)
     batch_size, seq_len = batch["input_ids"].shape
     cfg, adapt = rec.config(), rec.adapt_kwargs()
     fields = {k: v for k, v in cfg.to_dict().items() if k in ("rank", "alpha", "rslora")}
+    quantized = base in QUANTIZED
     estimate = estimate_memory(
-        net.config, kind=kind, base="fp32", method=cfg.method, method_fields=fields,
+        net.config, kind=kind, base=base if quantized else "fp32",
+        dtype=torch.float32 if quantized else None, method=cfg.method, method_fields=fields,
         targets=adapt["targets"], exclude=adapt["exclude"], modules_to_save=adapt["modules_to_save"],
         rank_pattern=adapt["rank_pattern"], alpha_pattern=adapt["alpha_pattern"],
         optimizer=optimizer if optimizer in OPTIMIZER_STATES else "adamw",
@@ -133,6 +148,8 @@ def _memory_check(
     )  # fmt: skip
     return {
         "device": device.type,
+        "base": base if quantized else "fp32",
+        "dtype": "fp32",
         "batch_size": int(batch_size),
         "seq_len": int(seq_len),
         "estimated": estimate.total_bytes,
@@ -151,6 +168,7 @@ def _train(
 
     import loraredux as lx
 
+    from ..base_format import convert_base_
     from ..tasks import adapt_for_task, build_task
     from ..train import TrainConfig, fit
 
@@ -160,14 +178,22 @@ def _train(
     size = build["batch_size"] or (32 if task.kind == "classification" else 8)
     n_steps = steps or math.ceil(task.train_size / size)
     rate = lr or (4e-3 if task.kind == "classification" else 5e-4)
+    config = lx.config_from_dict(run["config"])
+    base = convert_base_(
+        net, verified_base(rec), keep=task.modules_to_save,
+        keep_weights=getattr(config, "init", None) == "loftq",
+    )  # fmt: skip
     adapt_for_task(
-        net, lx.config_from_dict(run["config"]), task, steps=n_steps, targets=rec.targets,
+        net, config, task, steps=n_steps, targets=rec.targets,
         exclude=rec.exclude, calibration_batches=calibration_batches, progress=False,
         rank_pattern=run["rank_pattern"] or None, alpha_pattern=run["alpha_pattern"] or None,
+        base=base,
     )  # fmt: skip
     memory = None
     if check_memory:
-        memory = _memory_check(rec, net, task, task.batches(0), run["optimizer"], rate, task.kind)
+        memory = _memory_check(
+            rec, net, task, task.batches(0), run["optimizer"], rate, task.kind, base.name
+        )
     logger.info(
         "verify: training %s at lr %g, seed %d (%d steps)", run["name"], rate, seed, n_steps
     )
@@ -289,5 +315,6 @@ def verify(
         "lrs": [o for o in (format(r, "g") for r in rates if r is not None)] or None,
         "runs": results,
         "memory": memory,
+        "base": verified_base(rec),
     }
     return rec.verify

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import UsageError, log, positive_int
+from .train_config import add_base_argument
 
 __all__ = ["add_adapter_commands"]
 
@@ -41,6 +42,18 @@ def add_adapter_commands(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="new folder for the merged checkpoint")
     p.add_argument(
         "--model", default=None, help="base model folder (default: the one the adapter names)"
+    )
+    add_base_argument(
+        p,
+        "the base the adapter is merged into, put in that format as `train --base` does: nf4 / fp4 / int8 give "
+        "dense layers W' = deq(Q) + the update, the trained model's weights; default: the base the run in "
+        "DIRECTORY trained on (its metrics.json), else fp32 (the model as loaded)",
+    )
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="with a quantized base: quantize each merged layer back into it (a 4-bit or 8-bit checkpoint that "
+        "transformers reloads as it is) and print how much of each layer's update that loses",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_merge)
@@ -140,7 +153,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    import loraredux as lx
     from loraredux.io.atomic import usual_permissions
     from loraredux.tasks import quiet_loading
 
@@ -148,8 +160,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; choose a new folder")
     model, source = _load_base(args.directory, args.model, not args.no_progress)
-    lx.load_adapter(model, args.directory)
-    lx.merge_(model)
+    _merge(model, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -172,6 +183,66 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise
     print(f"merged model written to {out}/ (load it with transformers' from_pretrained)")
     return 0
+
+
+def _trained_base(directory: Path) -> tuple[str, str]:
+    """The base an adapter's run trained on, and where that was read: metrics.json (`loraredux train`), else
+    the base formats a loraredux-format file records when they agree, else fp32."""
+    import json
+
+    from loraredux.base_format import BASES
+    from loraredux.io import read_adapter_config
+
+    try:
+        metrics = json.loads((directory / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = None
+    if isinstance(metrics, dict) and metrics.get("base") in BASES:
+        return metrics["base"], f"as the run in {directory} trained (metrics.json)"
+    formats = read_adapter_config(directory).get("base_formats")
+    found = set(formats.values()) if isinstance(formats, dict) else set()
+    if len(found) == 1 and (fmt := found.pop()) in ("nf4", "fp4", "int8"):
+        return fmt, "as the adapter file records"
+    return "fp32", "the model as loaded"
+
+
+def _merge(model: Any, args: argparse.Namespace) -> None:
+    """Put the base in --base (or the trained one), load the adapter, merge: dense layers, or with --requantize the
+    base's format again (the per-layer error printed, and a quantization config for transformers to reload it)."""
+    import warnings
+
+    import loraredux as lx
+    from loraredux.base_format import convert_base_, dequantize_, quantization_config
+    from loraredux.io import read_adapter_config
+
+    name, why = (args.base, "--base") if args.base else _trained_base(args.directory)
+    if args.requantize and name not in ("nf4", "fp4", "int8"):
+        raise UsageError(
+            f"--requantize quantizes the merged layers back into a quantized base; the base is {name} "
+            "(give --base nf4, fp4 or int8)"
+        )
+    keep = read_adapter_config(args.directory).get("modules_to_save") or []
+    try:
+        base = convert_base_(model, name, keep=[k for k in keep if isinstance(k, str)])
+    except (ValueError, ImportError) as err:
+        raise UsageError(f"--base {name}: {err}") from None
+    print(f"{base.describe()} ({why})")
+    lx.load_adapter(model, args.directory)
+    if not args.requantize:
+        lx.merge_(model)
+        dequantize_(model)  # the layers the adapter left quantized, too: a dense checkpoint
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        errors = lx.quant.merge_requantized(model)
+    print(
+        "requantized merge, per layer ||deq(q(W')) - W'|| / ||ΔW|| (the share of the update lost):"
+    )
+    for path, e in errors.items():
+        print(f"  {path:<56} {e:.3f}")
+    for w in caught:
+        log.warning("%s", w.message)
+    model.config.quantization_config = quantization_config(model, name)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

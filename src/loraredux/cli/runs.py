@@ -92,7 +92,11 @@ TRAJECTORY = (
     "exclude", "rank", "alpha", "dropout", "rslora", "init", "init_option", "calibration_batches",
     "field", "optimizer", "optimizer_option", "recommendation", "steps", "lr",
     "text_column", "label_column", "messages_column", "eval_split", "eval_fraction", "train_on_prompt",
+    "base",
 )  # fmt: skip
+# Options added to TRAJECTORY after runs were checkpointed without them, and their value in such a run: a run at
+# that value leaves them out of its signature, so that it resumes those runs (and `fit`'s own check agrees).
+_ADDED = {"base": "fp32"}
 
 
 def run_signature(args: argparse.Namespace, cfg: Any, patterns: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +108,8 @@ def run_signature(args: argparse.Namespace, cfg: Any, patterns: dict[str, Any]) 
             value = str(value)
         elif name in ("init_option", "field", "optimizer_option"):
             value = [[k, v] for k, v in value]
+        if name in _ADDED and value == _ADDED[name]:
+            continue
         sig[name] = value
     return sig | {"config": cfg.to_dict(), "patterns": patterns}
 
@@ -126,7 +132,8 @@ def check_resume(args: argparse.Namespace, signature: dict[str, Any]) -> Any:
         )
     saved = found.config.get("signature") or {}
     differ = [
-        f"{_flag(k)} {json.dumps(saved.get(k))} there, {json.dumps(signature.get(k))} here"
+        f"{_flag(k)} {json.dumps(saved.get(k, _ADDED.get(k)))} there, "
+        f"{json.dumps(signature.get(k, _ADDED.get(k)))} here"
         for k in TRAJECTORY
         if json.dumps(saved.get(k)) != json.dumps(signature.get(k))
     ]

@@ -7,7 +7,6 @@ The run goes to a folder (`--out`, or a new one under runs/) and checkpoints int
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
@@ -34,6 +33,7 @@ from .runs import (
     run_signature,
     stop_on_signals,
 )
+from .train_config import add_base_argument, method_fields, read_recommendation
 
 __all__ = ["add_train"]
 
@@ -52,6 +52,13 @@ def add_train(sub: Any) -> None:
         default="lora",
         help="adapter method (see `loraredux methods`); --rank, --alpha, --dropout and --rslora apply "
         "where the method has that field",
+    )
+    add_base_argument(
+        p,
+        "the frozen base's format: bf16 converts the model; nf4 / fp4 / int8 quantize every linear layer but "
+        "the head and the modules trained in full with bitsandbytes (QLoRA's: double quantization, blocks of "
+        "64), computing in the model's dtype; default fp32 (the model as loaded), or the recommendation's "
+        "with --recommendation",
     )
     p.add_argument(
         "--targets",
@@ -118,7 +125,7 @@ def add_train(sub: Any) -> None:
         default=None,
         metavar="PATH",
         help="apply `loraredux advise`'s recommendation.json (or the folder holding it): its method config, "
-        "targets, per-layer ranks and optimizer; --targets and --optimizer still override",
+        "targets, per-layer ranks, optimizer and base format; --targets, --optimizer and --base still override",
     )
     p.add_argument(
         "--optimizer-option",
@@ -173,68 +180,6 @@ def add_train(sub: Any) -> None:
     p.set_defaults(run=_cmd_train, on_interrupt=interrupted)
 
 
-def _method_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The method's fields from --rank/--alpha/--dropout/--rslora and --field; a flag the method lacks is an error
-    (an unknown --field is refused by `lx.config`, which lists the method's fields)."""
-    from loraredux.core import config_class
-
-    cls = config_class(args.method)
-    known = {f.name for f in dataclasses.fields(cls)}
-    given = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
-    given["rslora"] = True if args.rslora else None
-    given["init"] = args.init
-    if args.init_option:
-        if args.init is None:
-            raise UsageError("--init-option needs --init NAME")
-        given["init_options"] = dict(args.init_option)
-    lacking = [f"--{k}" for k, v in given.items() if v is not None and k not in known]
-    if lacking:
-        raise UsageError(
-            f"{args.method} has no field for {', '.join(lacking)}; its fields are {sorted(known)}"
-        )
-    fields = {k: v for k, v in given.items() if v is not None}
-    for key, value in args.field:
-        if key in fields:
-            raise UsageError(f"{key} is set twice (by --{key} and --field {key}=...)")
-        fields[key] = value
-    for key, default in (("rank", 8), ("alpha", 16.0)):
-        if key in known:
-            fields.setdefault(key, default)
-    return fields
-
-
-def _recommendation(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, str | None]:
-    """(config, {rank_pattern, alpha_pattern}, targets, optimizer) from `loraredux advise`'s recommendation.json;
-    flags that would set the method's fields as well are refused."""
-    import json
-
-    import loraredux as lx
-
-    path = args.recommendation
-    if path.is_dir():
-        path = path / "recommendation.json"
-    if not path.is_file():
-        raise UsageError(
-            f"--recommendation: {path} is not a file (expected recommendation.json or its folder)"
-        )
-    clash = [f"--{k}" for k in ("rank", "alpha", "dropout", "init") if getattr(args, k) is not None]
-    clash += ["--rslora"] * bool(args.rslora) + ["--field"] * bool(args.field)
-    clash += ["--init-option"] * bool(args.init_option) + ["--method"] * (args.method != "lora")
-    if clash:
-        raise UsageError(
-            f"--recommendation sets the method and its fields; drop {', '.join(clash)} (or edit the file)"
-        )
-    try:
-        rec = json.loads(path.read_text())
-        cfg = lx.config_from_dict(rec["config"])
-        adapt = rec["adapt"]
-        optimizer = (rec.get("choices", {}).get("optimizer") or {}).get("value")
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise UsageError(f"--recommendation: {path} is not a recommendation.json ({err})") from None
-    patterns = {k: adapt[k] for k in ("rank_pattern", "alpha_pattern") if adapt.get(k)}
-    return cfg, patterns, adapt.get("targets"), optimizer
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -247,15 +192,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError("--resume needs --out DIR, the folder of the run to continue")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one")
-    advice = _recommendation(args) if args.recommendation is not None else None
+    advice = read_recommendation(args) if args.recommendation is not None else None
     if advice is not None:
-        cfg, patterns, advised_targets, advised_optimizer = advice
+        cfg, patterns = advice.config, advice.patterns
         args.method = cfg.method
-        args.targets = args.targets or advised_targets
-        args.optimizer = args.optimizer or advised_optimizer
+        args.targets = args.targets or advice.targets
+        args.optimizer = args.optimizer or advice.optimizer
+        args.base = args.base or advice.base
     else:
-        cfg = lx.config(args.method, **_method_fields(args))  # a bad value fails before any loading
+        cfg = lx.config(args.method, **method_fields(args))  # a bad value fails before any loading
         patterns = {}
+    args.base = args.base or "fp32"
     args.optimizer = args.optimizer or "adamw"
     if args.optimizer not in lx.optim.available():
         raise UsageError(
@@ -283,29 +230,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     steps = args.steps or math.ceil(task.train_size / batch_size)
     lr = args.lr or (4e-3 if task.kind == "classification" else 5e-4)
     init = lx.init.get(cfg.init) if isinstance(getattr(cfg, "init", None), str) else None
+    loftq = init is not None and init.name == "loftq"
+    base = _convert_base(model, args.base, task.modules_to_save, keep_weights=loftq)
     if init is not None and init.needs:
         print(f"init {cfg.init}: estimating from {args.calibration_batches} training batches")
-    cfg = adapt_for_task(
-        model,
-        cfg,
-        task,
-        steps=steps,
-        targets=targets,
-        exclude=args.exclude,
-        calibration_batches=args.calibration_batches,
-        progress=not args.no_progress,
-        **patterns,
-    )
+    try:
+        cfg = adapt_for_task(
+            model,
+            cfg,
+            task,
+            steps=steps,
+            targets=targets,
+            exclude=args.exclude,
+            calibration_batches=args.calibration_batches,
+            progress=not args.no_progress,
+            base=base,
+            **patterns,
+        )
+    except ValueError as err:
+        if not base.quantized:
+            raise
+        raise UsageError(f"--base {args.base}: {err}") from None
 
     what = "training examples"
     if "loss_on" in task.info:  # chat
         what = f"training conversations, the loss on {task.info['loss_on']}"
     print(f"model {args.model}, data {data}: {task.train_size} {what}")
+    print(base.describe())
+    if base.loftq is not None:
+        report = base.loftq
+        print(
+            f"init loftq from the dense weights before quantizing: relative weight error "
+            f"{report.aggregate('base_error'):.4f} (QLoRA, B = 0) -> {report.aggregate('error'):.4f}"
+        )
     with lx.disabled(model):  # exactly the base model
         before = task.evaluate(model.eval())
     print(f"{task.metric} before: {before[task.metric]:.4f}")
     n_train = sum(p.numel() for p in lx.trainable_parameters(model).values())
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = _parameter_count(model)
     ranks = f"r={getattr(cfg, 'rank', '-')}"
     if patterns.get("rank_pattern"):
         ranks += f" ({len(patterns['rank_pattern'])} layers with their own rank)"
@@ -373,6 +335,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "model": args.model,
         "data": data,
         "method": args.method,
+        "base": args.base,
+        "base_info": base.to_dict(),
         "optimizer": args.optimizer,
         "optimizer_options": options,
         "config": cfg.to_dict(),
@@ -392,3 +356,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     write_json_atomic(args.out / "metrics.json", metrics)
     print(f"adapter and metrics written to {args.out}/")
     return 0
+
+
+def _convert_base(model: Any, name: str, keep: list[str], keep_weights: bool) -> Any:
+    """`base_format.convert_base_` with its one printed line; what it refuses is a usage error."""
+    from loraredux.base_format import convert_base_
+
+    try:
+        base = convert_base_(model, name, keep=keep, keep_weights=keep_weights)
+    except (ValueError, ImportError) as err:
+        raise UsageError(f"--base {name}: {err}") from None
+    return base
+
+
+def _parameter_count(model: Any) -> int:
+    """The model's parameters, a quantized layer's weight counted as out x in (its codes pack two to a byte)."""
+    import loraredux as lx
+
+    quantized = {
+        id(m.weight): m.out_features * m.in_features
+        for m in model.modules()
+        if lx.quant.is_quantized(m)
+    }
+    return sum(quantized.get(id(p), p.numel()) for p in model.parameters())

@@ -67,7 +67,17 @@ def nf4_roundtrip(W: Tensor, block_size: int = 64) -> Tensor:
     return F.dequantize_4bit(codes, state).reshape(W.shape).to(W.dtype)
 
 
-@register_init("loftq", moves_base=True, exact=False, identity=False)
+_ON_QUANTIZED = (
+    "LoftQ quantizes the dense W0 itself, and a quantized layer holds only deq(Q): run on it, LoftQ would quantize "
+    "the quantized weight again, a near no-op. On a model loaded in 4-bit, adapt with a non-moving init and call "
+    "lx.init.loftq_from_checkpoint_(model, folder) (W0 from the checkpoint); before lx.quantize_, keep the dense "
+    "weights and pass them: lx.init.loftq_from_checkpoint_(model, {path: W0})"
+)
+
+
+@register_init(
+    "loftq", moves_base=True, exact=False, identity=False, quantized_reason=_ON_QUANTIZED
+)
 def loftq(
     W0: Tensor, rank: int, scale: float, *, bits: int = 4, iters: int = 1, block_size: int = 64
 ) -> Factors:
@@ -98,6 +108,9 @@ def loftq(
     - NF4 only: PEFT also has `loftq_bits=8` (bitsandbytes' int8 row-wise quantiser), the authors' code 2-bit NF2;
       neither is bitsandbytes NF4, the format a loraredux base is loaded in.
     - Runs on W0's device, CPU included (PEFT's `loftq_init` always moves the weight to CUDA or XPU).
+    - Refused on a layer that is already quantized (bitsandbytes): it holds deq(Q), not W0, and q_N(deq(Q)) is
+      deq(Q) again up to the rounding of the block scales. `lx.init.loftq_from_checkpoint_` does LoftQ there,
+      from W0 read from the checkpoint (or given in memory).
 
     Notes:
         - Q_T is a fixed point of NF4 with the same block size in float32 and float64: quantising it again gives

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .checkpoint_weights import CheckpointError, SafetensorsCheckpoint
 
-__all__ = ["LayerReport", "LoftQReport", "loftq_from_checkpoint_", "rank_r_fit"]
+__all__ = ["InMemoryWeights", "LayerReport", "LoftQReport", "loftq_from_checkpoint_", "rank_r_fit"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,30 @@ class LoftQReport:
     def rolled_back(self) -> list[str]:
         """The paths of the layers that were rolled back."""
         return [r.path for r in self.layers if not r.kept]
+
+
+class InMemoryWeights:
+    """Dense weights given in memory, `{module path: W0}` in the module's own layout ((out, in) for nn.Linear), read
+    as `SafetensorsCheckpoint` reads a folder: for W0 kept before `lx.quantize_` replaced the layers."""
+
+    folder = "the weights given"
+
+    def __init__(self, weights: Mapping[str, Tensor]) -> None:
+        self.weights = dict(weights)
+
+    def key_for(self, model: nn.Module, path: str) -> str:
+        if path not in self.weights:
+            raise CheckpointError(
+                f"{self.folder}: no weight for the adapted layer {path!r} (given: "
+                f"{sorted(self.weights)[:5]}{' ...' if len(self.weights) > 5 else ''})"
+            )
+        return path
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.weights[key].shape)
+
+    def tensor(self, key: str) -> Tensor:
+        return self.weights[key].detach()
 
 
 def rank_r_fit(R: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -225,7 +249,7 @@ def _one_layer(
 @torch.no_grad()
 def loftq_from_checkpoint_(
     model: nn.Module,
-    checkpoint: str | os.PathLike[str] | SafetensorsCheckpoint,
+    checkpoint: str | os.PathLike[str] | SafetensorsCheckpoint | Mapping[str, Tensor],
     *,
     iters: int = 1,
     callback: Callable[[nn.Module, str], bool] | None = None,
@@ -263,8 +287,9 @@ def loftq_from_checkpoint_(
     Args:
         model: a model adapted (`lx.adapt_`) with a method that takes a free low-rank pair (lora, adalora, polar)
             and no init that moved the base.
-        checkpoint: the folder the model was loaded from (`model.safetensors` or sharded), or an opened
-            `SafetensorsCheckpoint`.
+        checkpoint: the folder the model was loaded from (`model.safetensors` or sharded), an opened
+            `SafetensorsCheckpoint`, or the dense weights in memory, `{module path: W0}` in each module's own
+            layout (e.g. the weights of the layers `lx.quantize_` is about to replace, kept beforehand).
         iters: T >= 1 alternations.
         callback: `(model, path) -> bool`, True to keep the layer's change.
         quantize: for T > 1 on a base that does not quantize itself: W (out, in) -> deq(q(W)), same shape.
@@ -288,11 +313,12 @@ def loftq_from_checkpoint_(
         raise TypeError(f"callback must be callable (model, path) -> bool, got {callback!r}")
     if quantize is not None and not callable(quantize):
         raise TypeError(f"quantize must be callable W -> deq(q(W)), got {quantize!r}")
-    ckpt = (
-        checkpoint
-        if isinstance(checkpoint, SafetensorsCheckpoint)
-        else SafetensorsCheckpoint(checkpoint)
-    )
+    if isinstance(checkpoint, Mapping):
+        ckpt: SafetensorsCheckpoint | InMemoryWeights = InMemoryWeights(checkpoint)
+    elif isinstance(checkpoint, SafetensorsCheckpoint):
+        ckpt = checkpoint
+    else:
+        ckpt = SafetensorsCheckpoint(checkpoint)
     layers = _eligible(model)
     keys = {}
     for path, adapter in layers:  # every key and shape checked before any layer changes

@@ -113,6 +113,8 @@ class Initialiser:
             `(weights: {path: W0}, data: {path: LayerData}, rank, **options) -> {path: rank}` run before the
             adapters are built; a rank of 0 leaves that layer unadapted.
         summary: one line for `available()` listings and the CLI help.
+        quantized_reason: why the init cannot run on a quantized base layer (bitsandbytes 4-bit / 8-bit), which
+            `lx.adapt_` then refuses, naming the layer; "" where it can.
     """
 
     name: str
@@ -126,6 +128,7 @@ class Initialiser:
     allocate: Callable[..., dict[str, int]] | None = None
     alphas: Callable[..., dict[str, float]] | None = None
     summary: str = ""
+    quantized_reason: str = ""
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The options with defaults filled in.
@@ -191,10 +194,12 @@ def register_init(
     kinds: tuple[str, ...] = ("linear", "conv1d"),
     allocate: Callable[..., dict[str, int]] | None = None,
     alphas: Callable[..., dict[str, float]] | None = None,
+    quantized_reason: str = "",
 ) -> Callable[[Callable[..., Factors]], Callable[..., Factors]]:
     """Function decorator: register a pure initialiser under `name`.
 
-    Its keyword-only parameters after `data` (with defaults) become the init's options.
+    Its keyword-only parameters after `data` (with defaults) become the init's options; `quantized_reason`, where
+    given, says why it cannot run on a quantized base (`Initialiser.quantized_reason`).
     """
     bad = set(needs) - {"grad", "grads", "inputs"}
     if bad:
@@ -222,6 +227,7 @@ def register_init(
             allocate=allocate,
             alphas=alphas,
             summary=doc.splitlines()[0] if doc else "",
+            quantized_reason=quantized_reason,
         )
         return fn
 

@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from ..core import Adapter, AdapterConfig
@@ -20,7 +21,9 @@ from ..targets import pattern_value
 from ..verbs import adapters, saved_modules
 
 __all__ = [
+    "DENSE_FORMATS",
     "adapted_layers",
+    "base_format",
     "base_model_name",
     "exact_regex",
     "saved_paths",
@@ -41,6 +44,24 @@ def adapted_layers(model: nn.Module) -> dict[str, Adapter]:
             f"{type(model).__name__} has no adapters to save; adapt it first with lx.adapt_(model, ...)"
         )
     return layers
+
+
+#: the name of each dense dtype as a base format; a quantized base is named by its format ("nf4", "fp4", "int8")
+DENSE_FORMATS = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
+
+
+def base_format(adapter: Adapter) -> str:
+    """The format of an adapted layer's base: "nf4", "fp4" or "int8" when quantized, else its weight's dtype as
+    "fp64", "fp32", "bf16" or "fp16" (another dtype by its torch name)."""
+    if adapter.view.quantized and adapter.view.format:
+        return adapter.view.format
+    dtype = adapter.base_weight().dtype
+    return DENSE_FORMATS.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def saved_paths(model: nn.Module) -> list[str]:

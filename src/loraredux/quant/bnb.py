@@ -19,22 +19,33 @@ from .protocol import StoredWeight
 __all__ = ["Bitsandbytes", "import_bitsandbytes"]
 
 # Recent bitsandbytes (0.50.2 here) tries, at import and on CPUs with AVX512-BF16 only, to fetch a fused CPU 4-bit
-# GEMV kernel from the Hugging Face Hub through the optional `kernels` package, and logs a warning when `kernels` is
-# absent. Its fallback is the CPU kernel bundled in bitsandbytes, and quantize/dequantize never use the fused one
-# (bitsandbytes/backends/cpu/ops.py; bitsandbytes PR #1972), so that one message is noise for us.
+# GEMV kernel from the Hugging Face Hub through the optional `kernels` package, and logs a warning when that fails.
+# Its fallback is the CPU kernel bundled in bitsandbytes, and quantize/dequantize never use the fused one
+# (bitsandbytes/backends/cpu/ops.py; bitsandbytes PR #1972), so the usual failures are noise for us: `kernels` absent,
+# or present (transformers depends on it) but unable to reach the Hub or to verify the kernel's publisher (offline,
+# or not trusted without `trust_remote_code`). Any other failure (a broken `kernels`) still shows.
 _KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
 _KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
+def _expected_kernels_failure(exc: object) -> bool:
+    """`kernels` is not installed, the Hub cannot be reached (an OSError: connection, offline cache miss), or the
+    kernel's publisher cannot be verified or trusted (the ValueError of `kernels`' trust check)."""
+    if isinstance(exc, ModuleNotFoundError):
+        return exc.name == "kernels"
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, ValueError) and "publisher" in str(exc) and "trust" in str(exc)
+
+
 class _MissingKernelsFilter(logging.Filter):
-    """Drops the "kernels is not installed" warning only; any other failure to load the kernel still shows."""
+    """Drops the warning for the expected failures (`_expected_kernels_failure`); any other still shows."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not str(record.msg).startswith(_KERNELS_MESSAGE):
             return True
         args = record.args if isinstance(record.args, tuple) else ()
-        exc = args[0] if args else None
-        return not (isinstance(exc, ModuleNotFoundError) and exc.name == "kernels")
+        return not (args and _expected_kernels_failure(args[0]))
 
 
 def import_bitsandbytes(purpose: str, name: str = "bitsandbytes") -> ModuleType:
