@@ -68,7 +68,8 @@ def sp_pick(problem: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
 
 def _score(best: dict[tuple[str, ...], tuple[float, float]], problem_key: str, pick_key: tuple[str, ...],
            goal: str) -> dict[str, Any]:  # fmt: skip
-    configs = {c: v for c, v in best.items() if c[1] == problem_key}
+    # the dense-base configurations, keyed without the base (the advisor picks for the model as loaded)
+    configs = {c[:6]: v for c, v in best.items() if c[1] == problem_key and c[6] == "-"}
     top_config, (top_lr, top) = (min if goal == "min" else max)(
         configs.items(), key=lambda kv: kv[1][1]
     )

@@ -1,11 +1,12 @@
 """Reports rendered from the store alone: `write_report(dir)` writes `report.md` and `runs.csv`.
 
 A *configuration* is everything but the learning rate and the seed (suite, problem and its options, method, init,
-optimizer and its options, rank). For each one the report gives:
+optimizer and its options, rank, and the base's format: dense, or quantized as QLoRA's nf4). For each one the report
+gives (a suite with a quantized base gets a `base` column, "-" for the model as loaded):
 - **best of sweep**: the learning rate whose mean of the suite's primary metric over seeds is best, with the spread
   over those seeds (mean, standard deviation, n), its cost (trainable parameters, the median wall time and the
-  median growth of the peak memory over a run; and the median step time and adapter file size where the suite
-  records them, `COSTS`) and the configuration's failed runs;
+  median growth of the peak memory over a run; and the median step time, adapter file size and, on a quantized
+  base, initial weight error where the suite records them, `COSTS`) and the configuration's failed runs;
 - **learning-rate sensitivity**: the mean of the primary metric at every learning rate of the sweep (a failed run
   makes its cell "failed (k)").
 With matplotlib installed (`pip install loraredux[bench]`), three plots per suite go beside it and into the report:
@@ -50,10 +51,12 @@ PRIMARY: dict[str, Primary] = {
 }
 
 STORE_NAME = "results.sqlite"
-# Cost metrics a suite may record, shown as extra best-of-sweep columns (median over seeds): name -> (column, factor)
+# Cost metrics a suite may record, shown as extra best-of-sweep columns (median over seeds): name -> (column, factor);
+# and, on a quantized base, the adapted layers' weight error against the dense model at the start (`init_error`).
 COSTS: dict[str, tuple[str, float]] = {
     "step_seconds": ("median step ms", 1e3),
     "adapter_bytes": ("adapter KiB", 1 / 1024),
+    "init_error": ("init error", 1.0),
 }
 
 
@@ -73,7 +76,17 @@ def _config(run: Run) -> tuple[str, ...]:
     method = t.method + (
         f" {json.dumps(t.method_options, sort_keys=True)}" if t.method_options else ""
     )
-    return (t.suite, problem, method, t.init or "-", optimizer, str(t.rank))
+    return (t.suite, problem, method, t.init or "-", optimizer, str(t.rank), t.base or "-")
+
+
+def _with_base(configs: list[tuple[str, ...]]) -> bool:
+    """Whether any configuration has a quantized base (then the tables get a base column)."""
+    return any(c[6] != "-" for c in configs)
+
+
+def _cells(c: tuple[str, ...], base: bool) -> list[str]:
+    """A configuration's table cells: problem, [base,] method, init, optimizer, rank."""
+    return [c[1], *([c[6]] if base else []), *c[2:6]]
 
 
 def _fmt(x: float | None) -> str:
@@ -109,7 +122,8 @@ def sweep_means(by_lr: dict[float, list[Run]], metric: str) -> dict[float, float
 
 def best_of_sweep(runs: list[Run]) -> dict[tuple[str, ...], tuple[float, float]]:
     """{configuration: (best lr, mean of the suite's primary metric over seeds there)}, as the report's
-    best-of-sweep table has them; a configuration is (suite, problem, method, init, optimizer, rank) as strings."""
+    best-of-sweep table has them; a configuration is (suite, problem, method, init, optimizer, rank, base) as
+    strings ("-" for no init and for a dense base)."""
     best = {}
     for c, by_lr in _groups(runs).items():
         metric, goal = PRIMARY[c[0]][:2]
@@ -152,7 +166,8 @@ def plot_suite(runs: list[Run], suite: str, directory: Path) -> list[str]:
         names.append(name)
 
     def label_of(c: tuple[str, ...]) -> str:
-        return " ".join(x for x in (c[2], c[3] if c[3] != "-" else "", c[4], f"r={c[5]}") if x)
+        parts = (c[6] if c[6] != "-" else "", c[2], c[3] if c[3] != "-" else "", c[4], f"r={c[5]}")
+        return " ".join(x for x in parts if x)
 
     # One colour (and line style, past ten) per configuration, the same in every panel and figure.
     labels = sorted({label_of(c) for c in by_config})
@@ -256,6 +271,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
             raise ValueError(f"no primary metric for suite {suite!r}; known: {sorted(PRIMARY)}")
         metric, goal = PRIMARY[suite][:2]
         configs = [c for c in by_config if c[0] == suite]
+        show_base = _with_base(configs)
         cost_columns = {
             name: spec
             for name, spec in COSTS.items()
@@ -272,10 +288,10 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
                     cells.append(_fmt(means[lr]))
                 else:
                     cells.append(f"failed ({failed})" if failed else "-")
-            sens_rows.append([*c[1:], *cells])
+            sens_rows.append([*_cells(c, show_base), *cells])
             if not means:
                 filler = ["-"] * (4 + len(cost_columns))
-                best_rows.append([*c[1:], "-", "all failed", *filler, "-"])
+                best_rows.append([*_cells(c, show_base), "-", "all failed", *filler, "-"])
                 continue
             best = (min if goal == "min" else max)(means, key=means.__getitem__)
             group = [r for r in by_config[c][best] if r.status == "ok"]
@@ -290,7 +306,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
             ]
             best_rows.append(
                 [
-                    *c[1:],
+                    *_cells(c, show_base),
                     f"{best:g}",
                     f"{_fmt(means[best])} ± {_fmt(spread)} (n={len(values)})",
                     f"{params:,}" if params is not None else "-",
@@ -303,7 +319,7 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
                     ),
                 ]
             )
-        head = ["problem", "method", "init", "optimizer", "rank"]
+        head = ["problem", *(["base"] if show_base else []), "method", "init", "optimizer", "rank"]
         better = "lower" if goal == "min" else "higher"
         parts += [
             "",
@@ -339,19 +355,20 @@ def render(runs: list[Run], plots: dict[str, list[str]] | None = None) -> tuple[
 
 def _csv(runs: list[Run]) -> str:
     metrics = sorted({k for r in runs for k in r.metrics})
+    base = any(r.trial.base is not None for r in runs)  # a base column only where one was quantized
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
-        ["key", "suite", "problem", "problem_options", "method", "method_options", "init", "optimizer",
-         "optimizer_options", "rank", "lr", "seed", "steps", "status", "error", *metrics, "wall_seconds",
-         "peak_memory_bytes", "trainable_parameters"]
+        ["key", "suite", "problem", "problem_options", "method", "method_options", "init",
+         *(["base"] if base else []), "optimizer", "optimizer_options", "rank", "lr", "seed", "steps", "status",
+         "error", *metrics, "wall_seconds", "peak_memory_bytes", "trainable_parameters"]
     )  # fmt: skip
     for r in sorted(runs, key=lambda r: (_config(r), r.trial.lr, r.trial.seed)):
         t = r.trial
         w.writerow(
             [t.key(), t.suite, t.problem, json.dumps(t.problem_options, sort_keys=True), t.method,
-             json.dumps(t.method_options, sort_keys=True), t.init or "", t.optimizer,
-             json.dumps(t.optimizer_options, sort_keys=True), t.rank, t.lr, t.seed, t.steps, r.status,
+             json.dumps(t.method_options, sort_keys=True), t.init or "", *([t.base or ""] if base else []),
+             t.optimizer, json.dumps(t.optimizer_options, sort_keys=True), t.rank, t.lr, t.seed, t.steps, r.status,
              r.error or "", *(_cell(r.metrics.get(m)) for m in metrics), f"{r.wall_seconds:.3f}",
              r.peak_memory_bytes if r.peak_memory_bytes is not None else "",
              r.trainable_parameters if r.trainable_parameters is not None else ""]

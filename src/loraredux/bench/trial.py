@@ -1,9 +1,10 @@
 """One benchmark run's configuration (`Trial`) and the grid a suite expands into.
 
-A suite is problems x methods x inits x optimizers x ranks x learning rates x seeds. `expand(spec)` turns a spec
-(a dict, or a JSON file read by `load_spec`) into the list of trials, in a fixed order. Each trial has a
-stable `key()`, a hash of its canonical JSON, so the store can tell a finished run from a new one across processes
-and sessions.
+A suite is problems x bases x methods x inits x optimizers x ranks x learning rates x seeds. `expand(spec)` turns a
+spec
+(a dict, or a JSON file read by `load_spec`) into the list of trials, in a fixed order. Each trial has a stable
+`key()`, a hash of its canonical JSON, so the store can tell a finished run from a new one across processes and
+sessions.
 
     spec = {"suite": "sp", "problems": [{"name": "sensing", "options": {"kappa": 10}}],
             "methods": ["lora"], "optimizers": ["adamw", "scaled_adamw"], "ranks": [4],
@@ -13,6 +14,10 @@ A full product is often more than is wanted: `variants` lists grids that differ 
 the trials are their union (LoRA with two inits and DoRA, say, without DoRA with both inits):
 
     {..., "methods": ["lora"], "variants": [{"inits": [null, "pissa"]}, {"methods": ["dora"]}]}
+
+`bases` picks the format of the frozen base: null (the model as loaded) or a quantized format of `lx.quantize_`
+("nf4", "fp4", "int8"); QLoRA is LoRA with `"bases": ["nf4"]`. The suites that train a real model (`classify`,
+`lm`) take it; `QUANTIZED_SUITES` names them, and a spec giving another suite a quantized base is refused.
 """
 
 from __future__ import annotations
@@ -25,13 +30,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPEC_KEYS", "Trial", "expand", "load_spec", "problem_options"]
+__all__ = ["QUANTIZED_SUITES", "SPEC_KEYS", "Trial", "expand", "load_spec", "problem_options"]
+
+#: The suites whose trials may run on a quantized base (`bases`): those that train a real model.
+QUANTIZED_SUITES = frozenset({"classify", "lm"})
 
 # spec key -> (required, what it holds)
 SPEC_KEYS: dict[str, tuple[bool, str]] = {
     "suite": (True, "the suite's name"),
     "problems": (True, "a list of problem names or {name, options} tables"),
     "methods": (False, 'a list of method names or {name, options} tables (default ["lora"])'),
+    "bases": (
+        False,
+        "a list of base formats: null for the model as loaded, or a quantized format of lx.quantize_ "
+        '("nf4", "fp4", "int8") (default [null])',
+    ),
     "inits": (False, "a list of initialiser names, null for the method's own (default [null])"),
     "optimizers": (
         False,
@@ -67,6 +80,7 @@ class Trial:
         seed: the seed of everything random in the run.
         steps: optimizer steps.
         init: the initialiser (`lx.init.available()`), None for the method's own.
+        base: the base's quantized format ("nf4", "fp4", "int8"), None for the model as loaded.
         problem_options, method_options, optimizer_options: extra settings (JSON values).
     """
 
@@ -79,13 +93,18 @@ class Trial:
     seed: int
     steps: int
     init: str | None = None
+    base: str | None = None
     problem_options: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        """The canonical JSON (sorted keys): equal trials give equal text."""
-        return _canonical(asdict(self))
+        """The canonical JSON (sorted keys): equal trials give equal text. A dense base (None) is left out, so a
+        trial keeps the key it had before bases were a field, and stores written then still resume."""
+        fields = asdict(self)
+        if fields["base"] is None:
+            del fields["base"]
+        return _canonical(fields)
 
     def key(self) -> str:
         """A stable 16-hex-digit identifier: the SHA-256 of the canonical JSON."""
@@ -133,12 +152,13 @@ def _numbers(values: Any, what: str, kind: type, positive: bool) -> list[Any]:
 
 
 def expand(spec: dict[str, Any]) -> list[Trial]:
-    """The trials of a spec: the product problems x methods x inits x optimizers x ranks x lrs x seeds, in that
-    nesting order (seeds innermost), for each of its variants in turn, with duplicates removed.
+    """The trials of a spec: the product problems x bases x methods x inits x optimizers x ranks x lrs x seeds, in
+    that nesting order (seeds innermost), for each of its variants in turn, with duplicates removed.
 
     Raises:
         ValueError: an unknown or missing key, or a value of the wrong kind (the message names it and what is
-            expected).
+            expected); an unknown base format, a quantized base in a suite that trains no real model, or a
+            method or init that cannot run on a quantized base (named).
     """
     if not isinstance(spec, dict):
         raise ValueError(f"a spec is a table of {sorted(SPEC_KEYS)}, got {type(spec).__name__}")
@@ -181,6 +201,48 @@ def _registered(methods: list[str], inits: list[str], optimizers: list[str]) -> 
             raise ValueError(f"spec: unknown {kind}(s) {unknown}; the {kind}s are {sorted(known)}")
 
 
+def _bases(spec: dict[str, Any], methods: list[str], inits: list[str]) -> list[str | None]:
+    """The spec's base formats, checked: known formats, a suite that takes them, and methods and inits that can
+    run on each (so a typo or an impossible pairing fails before any trial runs, not as a failed run)."""
+    from .. import init as inits_registry
+    from ..core import config_class
+    from ..quant.formats import FORMATS
+
+    bases = spec.get("bases", [None])
+    if not isinstance(bases, list) or not bases:
+        raise ValueError(f"spec: bases must be a non-empty list of formats or null, got {bases!r}")
+    unknown = [b for b in bases if b is not None and b not in FORMATS]
+    if unknown:
+        raise ValueError(
+            f"spec: unknown base format(s) {unknown}; a base is null (the model as loaded) or one of "
+            f"{list(FORMATS)}"
+        )
+    quantized = [b for b in bases if b is not None]
+    if quantized and spec["suite"] not in QUANTIZED_SUITES:
+        raise ValueError(
+            f"spec: suite {spec['suite']!r} trains no real model, so it has no base to quantize (bases "
+            f"{quantized}); the suites that take quantized bases are {sorted(QUANTIZED_SUITES)}"
+        )
+    for fmt in quantized:
+        refused = [m for m in methods if fmt not in config_class(m).quantized_formats]
+        if refused:
+            raise ValueError(f"spec: method(s) {refused} cannot adapt a {fmt} base")
+        for name in inits:
+            spec_ = inits_registry.get(name)
+            # an init that moves the base runs on the dense weights before quantizing (suites/quantized.py)
+            if spec_.needs & {"grad", "grads"} and not spec_.moves_base:
+                raise ValueError(
+                    f"spec: init {name!r} needs the gradient of the loss with respect to W0, which a {fmt} "
+                    "base does not have; pair it with a dense base (null) only, in its own variant"
+                )
+            if name == "loftq" and fmt != "nf4":
+                raise ValueError(
+                    f"spec: init 'loftq' fits its base to NF4's grid, so on a {fmt} base it is not LoftQ; "
+                    "pair it with base nf4"
+                )
+    return bases
+
+
 def _grid(spec: dict[str, Any]) -> list[Trial]:
     """The product of one grid (a spec without variants)."""
     unknown = sorted(set(spec) - set(SPEC_KEYS))
@@ -209,12 +271,13 @@ def _grid(spec: dict[str, Any]) -> list[Trial]:
     _registered(
         [m for m, _ in methods], [i for i in inits if i is not None], [o for o, _ in optimizers]
     )
+    bases = _bases(spec, [m for m, _ in methods], [i for i in inits if i is not None])
     ranks = _numbers(spec["ranks"], "ranks", int, positive=True)
     lrs = _numbers(spec["lrs"], "lrs", float, positive=True)
     seeds = _numbers(spec.get("seeds", [0]), "seeds", int, positive=False)
     trials: dict[str, Trial] = {}
-    for (p, p_opt), (m, m_opt), init, (o, o_opt), rank, lr, seed in itertools.product(
-        problems, methods, inits, optimizers, ranks, lrs, seeds
+    for (p, p_opt), base, (m, m_opt), init, (o, o_opt), rank, lr, seed in itertools.product(
+        problems, bases, methods, inits, optimizers, ranks, lrs, seeds
     ):
         trial = Trial(
             suite=spec["suite"],
@@ -226,6 +289,7 @@ def _grid(spec: dict[str, Any]) -> list[Trial]:
             seed=seed,
             steps=steps,
             init=init,
+            base=base,
             problem_options=p_opt,
             method_options=m_opt,
             optimizer_options=o_opt,

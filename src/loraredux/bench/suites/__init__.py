@@ -20,7 +20,7 @@ SUITES: dict[str, dict[str, Callable[[Trial], Outcome]]] = {
 
 
 # The default specs of each suite: "quick" (minutes on 2 cores; CI runs sp's), "full" and further named ones
-# (`loraredux bench sp --preset full_teacher`).
+# (`loraredux bench sp --preset full_teacher`; `classify` and `lm` have "quant", the quick setting on an NF4 base).
 _SP_OPTIMIZERS = ["adamw", "scaled_adamw", "reflora", "altlora", "lora_rite"]
 # The rank at which each cross-layer method trains at most LoRA r=8's 73,728 parameters on MiniLM's query/value
 # layers (`loraredux.bench.budget.rank_for_budget`; tests/bench/test_budget.py checks them).
@@ -44,6 +44,19 @@ _CLASSIFY_QUICK: dict[str, Any] = {
     "lrs": [1e-3, 3e-3, 1e-2],
     "seeds": [0, 1],
     "steps": 80,
+}
+# QLoRA (NF4 base, B = 0), QPiSSA and LoftQ (T = 1) against LoRA on the dense fp32 model, each at the suite's quick
+# setting: the same targets, learning rates and seeds, only the base and the init change (suites/quantized.py).
+_QUANT_VARIANTS: list[dict[str, Any]] = [{}, {"bases": ["nf4"], "inits": [None, "pissa", "loftq"]}]
+# The lm suite's quick setting: LoRA r=8 on SmolLM2's q_proj/v_proj, 25 steps of 4 blocks of 128 tokens.
+_LM_QUICK: dict[str, Any] = {
+    "suite": "lm",
+    "problems": ["kjv"],
+    "methods": ["lora"],
+    "ranks": [8],
+    "lrs": [1e-3, 3e-3, 1e-2],
+    "seeds": [0],
+    "steps": 25,
 }
 SPECS: dict[str, dict[str, dict[str, Any]]] = {
     "sp": {
@@ -130,6 +143,7 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
                 *({"methods": [m], "ranks": [BUDGET_RANKS[m]]} for m in SHARED_METHODS),
             ],
         },
+        "quant": {**_CLASSIFY_QUICK, "variants": _QUANT_VARIANTS},
         "full": {
             "suite": "classify",
             "problems": [
@@ -154,16 +168,8 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # SmolLM2-135M on the King James Bible: short runs. quick: 25 steps of 4 x 128 tokens.
     "lm": {
-        "quick": {
-            "suite": "lm",
-            "problems": ["kjv"],
-            "methods": ["lora"],
-            "ranks": [8],
-            "lrs": [1e-3, 3e-3, 1e-2],
-            "seeds": [0],
-            "steps": 25,
-            "variants": [{}, {"inits": ["pissa"]}],
-        },
+        "quick": {**_LM_QUICK, "variants": [{}, {"inits": ["pissa"]}]},
+        "quant": {**_LM_QUICK, "variants": _QUANT_VARIANTS},
         "full": {
             "suite": "lm",
             "problems": [{"name": "kjv", "options": {"eval_examples": 32}}],

@@ -9,11 +9,15 @@ metric on the fixed held-out set (the same for every trial with the same problem
 and the data order follow the seed. A non-finite loss (a learning rate past the stable range) raises
 FloatingPointError before that step changes anything: the runner stores a failed run.
 
+A trial with a quantized base (`base`: "nf4", "fp4", "int8") quantizes the model's linear layers before the adapter
+goes on (QLoRA; `quantized.py` says how, and how an init that moves the base is computed on the dense weights).
+
 Metrics: the task's metric (`accuracy`, or `perplexity` with the held-out `loss`), `train_loss` (the mean loss over
 the last tenth of the steps), `step_seconds` (training time over the steps: forward, backward and optimizer step)
-and `adapter_bytes` (the size of the adapter file `lx.save_adapter` writes). Curves: `train_loss`, the loss of each
-step averaged over windows of `every` steps, and the task's metric at every `eval_every` steps (0: only after the
-last step).
+and `adapter_bytes` (the size of the adapter file `lx.save_adapter` writes); on a quantized base also `init_error`
+(the adapted layers' relative weight error against the dense model when training starts, `quantized.init_error`).
+Curves: `train_loss`, the loss of each step averaged over windows of `every` steps, and the task's metric at every
+`eval_every` steps (0: only after the last step).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ...tasks import adapt_for_task, build_task
 from ...train import TrainConfig, fit
 from ..runner import Outcome
 from ..trial import Trial, problem_options
+from .quantized import adapt_on_base
 
 __all__ = ["CLASSIFY_DEFAULTS", "LM_DEFAULTS", "kjv", "rotten_tomatoes"]
 
@@ -109,15 +114,16 @@ def _finetune(trial: Trial, o: dict[str, Any], kind: str, **build: Any) -> Outco
         raise ValueError(
             f"{trial.problem}: data {o['data']!r} is a {task.kind} task; this suite trains {kind}"
         )
-    adapt_for_task(
-        model,
-        config,
-        task,
-        steps=trial.steps,
-        targets=o["targets"],
-        calibration_batches=o["calibration_batches"],
-        progress=False,
-    )
+    adapt = {
+        "steps": trial.steps,
+        "targets": o["targets"],
+        "calibration_batches": o["calibration_batches"],
+    }
+    extra: dict[str, float | None] = {}
+    if trial.base is None:
+        adapt_for_task(model, config, task, progress=False, **adapt)
+    else:  # QLoRA and friends: quantize the base, an init that moves it computed on the dense weights
+        extra["init_error"] = adapt_on_base(model, config, task, trial.base, **adapt)
     result = fit(
         model,
         task.batches,
@@ -143,6 +149,7 @@ def _finetune(trial: Trial, o: dict[str, Any], kind: str, **build: Any) -> Outco
         "train_loss": statistics.fmean(tail),
         "step_seconds": result.seconds / max(1, result.steps),
         "adapter_bytes": _adapter_bytes(model),
+        **extra,
     }
     curves: dict[str, list[float | None]] = {
         "train_loss": [
